@@ -1,0 +1,1 @@
+"""Validation callbacks and torchmetrics Metric classes."""

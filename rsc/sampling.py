@@ -1,0 +1,184 @@
+"""Text-to-image sampling with a latent correction hook.
+
+The loop is the one of diffusers' ``StableDiffusionPipeline`` (same noise,
+same classifier-free guidance, same scheduler calls), so with no correction it
+reproduces the pipeline's images; inside the correction window it first
+updates the latent code, ``z_t <- correction(z_t, t, c)``, then runs the
+frozen UNet on the corrected latent.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+import numpy as np
+import torch
+from diffusers import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from torch import Tensor
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from rsc.backbone import FrozenLDM
+
+
+class CorrectionFn(Protocol):
+    """A latent update ``z_t -> z_t'`` at timesteps ``t`` (shape (B,)) given text embeddings ``cond`` (B, L, D)."""
+
+    def __call__(self, latents: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor: ...
+
+
+@dataclass
+class SampleOutput:
+    """Sampled images in [0, 1] as (N, 3, H, W) float32 on the CPU, and the final latents."""
+
+    images: Tensor
+    latents: Tensor
+
+    def to_pil(self) -> list[Image.Image]:
+        """The images as PIL images."""
+        arrays = (self.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        return [Image.fromarray(array) for array in arrays]
+
+
+def correction_step_indices(num_steps: int, window: tuple[float, float]) -> list[int]:
+    """Indices of the sampling steps that are corrected.
+
+    ``window = (start, end)`` are fractions of the sampling trajectory, 0 being
+    pure noise: step ``i`` is corrected when ``start <= i / num_steps < end``.
+    The same rule decides which timesteps a refiner is trained on.
+    """
+    start, end = window
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"correction window must satisfy 0 <= start <= end <= 1, got {window}")
+    return [i for i in range(num_steps) if start <= i / num_steps < end]
+
+
+def make_scheduler(reference: SchedulerMixin, scheduler: SchedulerMixin | str | None = None) -> SchedulerMixin:
+    """A fresh scheduler for one sampling run (schedulers hold per-run state).
+
+    ``scheduler`` may be an instance, the name of a diffusers scheduler class
+    (built from ``reference``'s config, e.g. ``"EulerDiscreteScheduler"``) or
+    ``None`` for a copy of ``reference``.
+    """
+    import diffusers
+
+    if scheduler is None:
+        return type(reference).from_config(reference.config)
+    if isinstance(scheduler, str):
+        scheduler_class = getattr(diffusers, scheduler, None)
+        if scheduler_class is None or not issubclass(scheduler_class, SchedulerMixin):
+            raise ValueError(f"unknown diffusers scheduler class {scheduler!r}")
+        return scheduler_class.from_config(reference.config)
+    return type(scheduler).from_config(scheduler.config)
+
+
+def _step_kwargs(scheduler: SchedulerMixin, generators: list[torch.Generator], eta: float) -> dict[str, Any]:
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict[str, Any] = {}
+    if "eta" in accepted:
+        kwargs["eta"] = eta
+    if "generator" in accepted:
+        kwargs["generator"] = generators
+    return kwargs
+
+
+@torch.no_grad()
+def sample(
+    ldm: FrozenLDM,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int = 20,
+    guidance_scale: float = 7.5,
+    correction: CorrectionFn | None = None,
+    correction_window: tuple[float, float] = (0.0, 1.0),
+    negative_prompt: str | None = None,
+    scheduler: SchedulerMixin | str | None = None,
+    batch_size: int = 8,
+    eta: float = 0.0,
+    height: int | None = None,
+    width: int | None = None,
+    progress: bool = True,
+) -> SampleOutput:
+    """Sample one image per (prompt, seed) pair, optionally correcting the latent code.
+
+    Image ``i`` depends only on ``prompts[i]`` and ``seeds[i]`` (its own CPU
+    generator draws its initial noise and any scheduler noise), not on the batch
+    size or on the other images in its batch.
+
+    Args:
+        ldm: The frozen model.
+        prompts: One prompt per image.
+        seeds: One seed per image.
+        steps: Number of scheduler steps.
+        guidance_scale: Classifier-free guidance scale (off at <= 1, as in diffusers).
+        correction: Called as ``z_t <- correction(z_t, t, cond)`` before the UNet at each
+            step inside ``correction_window``; ``cond`` are the prompts' text embeddings.
+            ``z_t`` is given in the DDPM parameterisation the model was trained in
+            (``scheduler.scale_model_input`` applied), so one refiner serves any scheduler.
+        correction_window: Fractions of the trajectory to correct, see :func:`correction_step_indices`.
+        negative_prompt: Negative prompt for guidance (default: empty prompt).
+        scheduler: Scheduler instance or diffusers class name; default: the model's.
+        batch_size: Images per UNet batch.
+        eta: DDIM eta (ignored by schedulers without it).
+        height: Image height (default: the model's native size); width likewise.
+        progress: Show a progress bar.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts, seeds = list(prompts), [int(s) for s in seeds]
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt")
+    if not prompts:
+        raise ValueError("no prompts to sample")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    height = height or ldm.image_size
+    width = width or ldm.image_size
+    factor = ldm.vae_scale_factor
+    if height % factor or width % factor:
+        raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
+    do_cfg = guidance_scale > 1.0 and ldm.unet.config.time_cond_proj_dim is None
+    corrected = set(correction_step_indices(steps, correction_window)) if correction is not None else set()
+    device = ldm.device
+
+    images, final_latents = [], []
+    num_batches = (len(prompts) + batch_size - 1) // batch_size
+    bar = tqdm(total=num_batches * steps, desc="sampling", unit="step", disable=not progress)
+    for start in range(0, len(prompts), batch_size):
+        batch_prompts = prompts[start : start + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds[start : start + batch_size]]
+        embeddings = ldm.encode_prompt(batch_prompts, negative_prompt, do_classifier_free_guidance=do_cfg)
+        unet_embeddings = torch.cat([embeddings.uncond, embeddings.cond]) if do_cfg else embeddings.cond
+
+        run_scheduler = make_scheduler(ldm.scheduler, scheduler)
+        run_scheduler.set_timesteps(steps, device=device)
+        shape = (len(batch_prompts), ldm.latent_channels, height // factor, width // factor)
+        latents = randn_tensor(shape, generator=generators, device=device, dtype=embeddings.cond.dtype)
+        latents = latents * run_scheduler.init_noise_sigma
+        step_kwargs = _step_kwargs(run_scheduler, generators, eta)
+
+        for index, t in enumerate(run_scheduler.timesteps):
+            if index in corrected:
+                # The refiner works on DDPM-form latents; schedulers such as Euler keep a
+                # rescaled latent and expose the conversion as scale_model_input.
+                scale = run_scheduler.scale_model_input(torch.ones((), device=device, dtype=latents.dtype), t)
+                batch_t = t.expand(latents.shape[0]).to(device)
+                latents = correction(latents * scale, batch_t, embeddings.cond) / scale
+            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            model_input = run_scheduler.scale_model_input(model_input, t)
+            noise_pred = ldm.unet(model_input, t, encoder_hidden_states=unet_embeddings, return_dict=False)[0]
+            if do_cfg:
+                noise_uncond, noise_text = noise_pred.chunk(2)
+                noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+            latents = run_scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            bar.update(1)
+
+        decoded = ldm.decode_latents(latents)
+        images.append((decoded / 2 + 0.5).clamp(0, 1).float().cpu())
+        final_latents.append(latents.float().cpu())
+    bar.close()
+    return SampleOutput(images=torch.cat(images), latents=torch.cat(final_latents))
