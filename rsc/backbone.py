@@ -92,7 +92,7 @@ def load_sd_pipeline(
     source: str | os.PathLike[str],
     *,
     config: str | os.PathLike[str] | None = None,
-    torch_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
     variant: str | None = None,
     revision: str | None = None,
     local_files_only: bool | None = None,
@@ -104,7 +104,7 @@ def load_sd_pipeline(
             ``.safetensors``/``.ckpt`` checkpoint of an SD derivative.
         config: For single-file checkpoints: a local diffusers folder (or Hub id) of the same
             architecture, whose configs, tokenizer and scheduler are used. Required offline.
-        torch_dtype: dtype of the loaded weights.
+        dtype: dtype of the loaded weights (default: as saved).
         variant: Weight variant (e.g. ``"fp16"``), passed to diffusers.
         revision: Hub revision (branch, tag or commit), passed to diffusers.
         local_files_only: Never touch the network; defaults to ``HF_HUB_OFFLINE``.
@@ -113,8 +113,8 @@ def load_sd_pipeline(
     path = Path(source_str).expanduser()
     offline = _hub_offline() if local_files_only is None else local_files_only
     common: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False, "feature_extractor": None}
-    if torch_dtype is not None:
-        common["torch_dtype"] = torch_dtype
+    if dtype is not None:
+        common["dtype"] = dtype
 
     if path.is_file() or (source_str.lower().endswith(SINGLE_FILE_SUFFIXES) and not path.is_dir()):
         if not path.is_file():
@@ -212,7 +212,7 @@ class FrozenLDM(nn.Module):
         source: str | os.PathLike[str],
         *,
         config: str | os.PathLike[str] | None = None,
-        torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         variant: str | None = None,
         revision: str | None = None,
@@ -222,7 +222,7 @@ class FrozenLDM(nn.Module):
         pipeline = load_sd_pipeline(
             source,
             config=config,
-            torch_dtype=torch_dtype,
+            dtype=dtype,
             variant=variant,
             revision=revision,
             local_files_only=local_files_only,

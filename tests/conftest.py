@@ -1,0 +1,39 @@
+"""Shared fixtures: offline mode, a tiny random SD saved in diffusers format."""
+
+from __future__ import annotations
+
+import os
+
+# Tests must never reach a hub: an accidental download fails loudly instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from rsc.random_models import RandomSDSpec, build_random_sd  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random epsilon-prediction SD saved with ``save_pretrained`` (loaded back like a Hub id's snapshot)."""
+    folder = tmp_path_factory.mktemp("tiny_sd")
+    build_random_sd(seed=0).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random v-prediction SD (the SD 2.x parameterisation)."""
+    folder = tmp_path_factory.mktemp("tiny_sd_v")
+    build_random_sd(RandomSDSpec(prediction_type="v_prediction"), seed=1).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _fixed_threads() -> None:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -1,0 +1,123 @@
+"""The sampler: parity with diffusers, per-image seeds, and the correction hook."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from rsc.backbone import FrozenLDM
+from rsc.sampling import correction_step_indices, make_scheduler
+
+PROMPTS = ["a photo of a cat", "a dog on a beach", "an empty room"]
+SEEDS = [11, 22, 33]
+
+
+@pytest.fixture(scope="module")
+def ldm(tiny_sd_dir: Path) -> FrozenLDM:
+    return FrozenLDM.from_pretrained(tiny_sd_dir)
+
+
+def _diffusers_images(folder: Path, scheduler: str | None, steps: int, guidance: float) -> torch.Tensor:
+    pipeline = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    pipeline.set_progress_bar_config(disable=True)
+    if scheduler is not None:
+        pipeline.scheduler = make_scheduler(pipeline.scheduler, scheduler)
+    generators = [torch.Generator().manual_seed(seed) for seed in SEEDS]
+    return pipeline(
+        PROMPTS, generator=generators, num_inference_steps=steps, guidance_scale=guidance, output_type="pt"
+    ).images
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "guidance"),
+    [(None, 7.5), ("EulerDiscreteScheduler", 5.0), ("EulerAncestralDiscreteScheduler", 7.5), (None, 1.0)],
+)
+def test_matches_diffusers_pipeline(ldm: FrozenLDM, tiny_sd_dir: Path, scheduler: str | None, guidance: float) -> None:
+    expected = _diffusers_images(tiny_sd_dir, scheduler, steps=6, guidance=guidance)
+    ours = ldm.sample(PROMPTS, SEEDS, steps=6, guidance_scale=guidance, scheduler=scheduler, batch_size=3, progress=False)
+    assert ours.images.shape == (3, 3, 64, 64)
+    torch.testing.assert_close(ours.images, expected, atol=1e-5, rtol=0)
+
+
+def test_matches_diffusers_pipeline_for_v_prediction(tiny_sd_v_dir: Path) -> None:
+    ldm = FrozenLDM.from_pretrained(tiny_sd_v_dir)
+    expected = _diffusers_images(tiny_sd_v_dir, None, steps=5, guidance=7.5)
+    ours = ldm.sample(PROMPTS, SEEDS, steps=5, guidance_scale=7.5, progress=False)
+    torch.testing.assert_close(ours.images, expected, atol=1e-5, rtol=0)
+
+
+def test_image_depends_only_on_its_own_seed(ldm: FrozenLDM) -> None:
+    # Ancestral sampling draws fresh noise every step: the strictest case for per-image generators.
+    kwargs = dict(steps=4, guidance_scale=7.5, scheduler="EulerAncestralDiscreteScheduler", progress=False)
+    together = ldm.sample(PROMPTS, SEEDS, batch_size=3, **kwargs).images
+    one_by_one = ldm.sample(PROMPTS, SEEDS, batch_size=1, **kwargs).images
+    reordered = ldm.sample(PROMPTS[::-1], SEEDS[::-1], batch_size=2, **kwargs).images
+    alone = ldm.sample(PROMPTS[1:2], SEEDS[1:2], **kwargs).images
+    torch.testing.assert_close(one_by_one, together, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reordered.flip(0), together, atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone[0], together[1], atol=1e-5, rtol=0)
+    other_seed = ldm.sample(PROMPTS[1:2], [999], **kwargs).images
+    assert (other_seed[0] - together[1]).abs().mean() > 1e-3
+
+
+def test_correction_window_indices() -> None:
+    assert correction_step_indices(10, (0.0, 1.0)) == list(range(10))
+    assert correction_step_indices(10, (0.0, 0.3)) == [0, 1, 2]
+    assert correction_step_indices(20, (0.5, 0.6)) == [10, 11]
+    assert correction_step_indices(4, (0.9, 1.0)) == []
+    with pytest.raises(ValueError, match="0 <= start <= end <= 1"):
+        correction_step_indices(10, (0.6, 0.2))
+
+
+def test_correction_hook_is_called_inside_the_window_only(ldm: FrozenLDM) -> None:
+    calls: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = []
+
+    def identity(latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        calls.append((int(timesteps[0]), tuple(timesteps.shape), tuple(cond.shape)))
+        return latents
+
+    plain = ldm.sample(PROMPTS, SEEDS, steps=10, progress=False)
+    corrected = ldm.sample(PROMPTS, SEEDS, steps=10, correction=identity, correction_window=(0.0, 0.3), progress=False)
+    scheduler = make_scheduler(ldm.scheduler)
+    scheduler.set_timesteps(10)
+    assert [c[0] for c in calls] == [int(t) for t in scheduler.timesteps[:3]]
+    assert all(c[1] == (3,) and c[2] == (3, ldm.tokenizer.model_max_length, ldm.text_embedding_dim) for c in calls)
+    torch.testing.assert_close(corrected.images, plain.images, atol=0, rtol=0)
+
+
+def test_correction_changes_the_sample_and_sees_ddpm_form_latents(ldm: FrozenLDM) -> None:
+    first_std: list[float] = []
+
+    def shift(latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if not first_std:
+            first_std.append(float(latents.std()))
+        return latents + 0.5
+
+    plain = ldm.sample(PROMPTS, SEEDS, steps=8, scheduler="EulerDiscreteScheduler", progress=False)
+    shifted = ldm.sample(
+        PROMPTS, SEEDS, steps=8, scheduler="EulerDiscreteScheduler", correction=shift, correction_window=(0.0, 0.5),
+        progress=False,
+    )
+    assert (shifted.images - plain.images).abs().mean() > 1e-3
+    # Euler keeps latents scaled by init_noise_sigma (~14.6); the hook must get unit-variance z_T.
+    assert 0.8 < first_std[0] < 1.2
+
+
+def test_sample_input_errors(ldm: FrozenLDM) -> None:
+    with pytest.raises(ValueError, match="got 2 prompts but 1 seeds"):
+        ldm.sample(["a", "b"], [1], steps=2, progress=False)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        ldm.sample(["a"], [1], steps=2, height=62, progress=False)
+    with pytest.raises(ValueError, match="unknown diffusers scheduler class 'NoSuchScheduler'"):
+        ldm.sample(["a"], [1], steps=2, scheduler="NoSuchScheduler", progress=False)
+
+
+def test_to_pil(ldm: FrozenLDM) -> None:
+    output = ldm.sample(PROMPTS[:1], SEEDS[:1], steps=2, progress=False)
+    image = output.to_pil()[0]
+    assert image.size == (64, 64) and image.mode == "RGB"
+    assert abs(np.asarray(image).mean() / 255 - float(output.images.mean())) < 0.01
