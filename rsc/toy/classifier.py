@@ -36,6 +36,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "ToyAttributeClassifier",
     "ToyClassifierConfig",
+    "augment_images",
     "evaluate_classifier",
     "images_to_tensor",
     "train_toy_classifier",
@@ -267,8 +268,20 @@ def _gaussian_blur(x: Tensor, sigma: Tensor, radius: int = 2) -> Tensor:
     return y.reshape(n, c, h, w)
 
 
-def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
-    """Degrade a batch the way the toy VAE and diffusion model do: colour jitter, blur, noise."""
+def augment_images(x: Tensor, gen: torch.Generator) -> Tensor:
+    """Degrade a batch the way the toy VAE and diffusion model do.
+
+    Applies a small per-image colour jitter (channel gain, contrast,
+    brightness), a Gaussian blur (sigma 0.3-1.4 px) on ~70% of the images and
+    additive Gaussian noise (std up to 0.12), then clamps to ``[-1, 1]``.
+
+    Args:
+        x: Float images in ``[-1, 1]``, shape ``(N, 3, H, W)``, on the CPU.
+        gen: CPU generator drawing the random degradations.
+
+    Returns:
+        The degraded batch (a new tensor).
+    """
     n = x.shape[0]
 
     def u(*shape: int, lo: float = 0.0, hi: float = 1.0) -> Tensor:
@@ -404,7 +417,7 @@ def train_toy_classifier(
             perm = torch.randperm(num_images, generator=gen)
             for i in range(0, num_images, batch_size):
                 idx = perm[i : i + batch_size]
-                x = _augment(tr_images[idx], gen)
+                x = augment_images(tr_images[idx], gen)
                 out = model(x)
                 loss = (
                     F.cross_entropy(out["group"], tr_g[idx])
