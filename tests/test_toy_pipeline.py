@@ -1,0 +1,121 @@
+"""Toy-world pieces with hand-computable answers: biased data, latent centring, statistics, preference pairs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from datamodules.schema import PREFERENCE_FEATURES
+from rsc.toy.data import BiasSpec, make_biased_dataset, toy_prompt, toy_prompts
+from rsc.toy.evaluate import ToySamples, toy_statistics
+from rsc.toy.faces import GENDERS, GROUPS
+from rsc.toy.preferences import build_preference_pairs
+from rsc.toy.train_sd import center_latents, encode_posteriors, images_to_unit_range
+
+
+def test_biased_dataset_plants_the_bias() -> None:
+    bias = BiasSpec(targeted_groups=("belor",), stereotype_rate_targeted=0.9, stereotype_rate_other=0.0,
+                    gender_flip_rate_targeted=0.5, gender_flip_rate_other=0.0)
+    data = make_biased_dataset(800, seed=3, bias=bias)
+    targeted = data.groups == GROUPS.index("belor")
+    assert 0.85 < data.stereotypes[targeted].mean() < 0.95
+    assert data.stereotypes[~targeted].sum() == 0
+    flipped = data.genders != data.caption_genders
+    assert 0.4 < flipped[targeted].mean() < 0.6 and flipped[~targeted].sum() == 0
+    # Captions name the caption gender, not the drawn one.
+    for i in np.flatnonzero(flipped)[:5]:
+        assert data.captions[i] == toy_prompt(GROUPS[data.groups[i]], GENDERS[data.caption_genders[i]])
+    again = make_biased_dataset(800, seed=3, bias=bias)
+    assert np.array_equal(again.images, data.images) and again.captions == data.captions
+
+
+def test_bias_spec_validation() -> None:
+    with pytest.raises(ValueError, match=r"targeted_groups \['nowhere'\] are not toy groups"):
+        BiasSpec(targeted_groups=("nowhere",))
+    with pytest.raises(ValueError, match="stereotype_rate_other must be a probability"):
+        BiasSpec(stereotype_rate_other=1.5)
+    with pytest.raises(ValueError, match="unknown toy gender"):
+        toy_prompt("ardan", "child")
+
+
+def test_center_latents_keeps_reconstructions_and_centres_channels() -> None:
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4).eval()
+    with torch.no_grad():
+        vae.quant_conv.bias[:4] += torch.tensor([3.0, -2.0, 1.0, 0.5])  # an off-centre latent space
+    images = images_to_unit_range(make_biased_dataset(32, seed=0).images)
+    means, _ = encode_posteriors(vae, images)
+    with torch.no_grad():
+        before = vae.decode(means).sample
+    scaling = center_latents(vae, means)
+    centred, _ = encode_posteriors(vae, images)
+    torch.testing.assert_close(centred.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
+    assert abs(float((centred * scaling).std()) - 1.0) < 1e-4
+    assert vae.config.scaling_factor == scaling
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(centred).sample, before, atol=1e-4, rtol=1e-4)
+
+
+def _synthetic_samples() -> ToySamples:
+    """4 images per prompt with predictions chosen by hand."""
+    table = toy_prompts()
+    n = 4
+    prompts = [p for p, _, _ in table for _ in range(n)]
+    groups = np.repeat([GROUPS.index(g) for _, g, _ in table], n)
+    genders = np.repeat([GENDERS.index(g) for _, _, g in table], n)
+    predicted_groups, predicted_genders = groups.copy(), genders.copy()
+    stereotype = np.zeros(len(prompts))
+    first = 0  # "a photo of a ardan woman": image 0 stereotyped, image 1 wrong gender, image 2 wrong group
+    stereotype[first + 0] = 0.9
+    predicted_genders[first + 1] = 1
+    predicted_groups[first + 2] = 3
+    belor_man = [i for i, p in enumerate(prompts) if p == toy_prompt("belor", "man")]
+    stereotype[belor_man] = 0.8  # all four stereotyped: no clean sample of this prompt
+    predicted_genders[belor_man[0]] = 0
+    images = torch.rand(len(prompts), 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    return ToySamples(images, prompts, groups, genders, np.tile(np.arange(n), len(table)),
+                      predicted_groups, predicted_genders, stereotype)
+
+
+def test_statistics_by_hand() -> None:
+    stats = toy_statistics(_synthetic_samples())
+    ardan = stats["per_group"]["ardan"]  # 8 images: 1 wrong group, 1 wrong gender, 1 stereotyped
+    assert ardan == {"images": 8, "group_match": 7 / 8, "gender_consistency": 7 / 8, "stereotype_rate": 1 / 8}
+    belor = stats["per_group"]["belor"]
+    assert belor == {"images": 8, "group_match": 1.0, "gender_consistency": 7 / 8, "stereotype_rate": 4 / 8}
+    assert stats["per_prompt"][toy_prompt("belor", "man")]["stereotype_rate"] == 1.0
+    assert stats["per_group"]["cyran"]["stereotype_rate"] == 0.0
+
+
+def test_preference_pairs_by_hand() -> None:
+    samples = _synthetic_samples()
+    pairs = build_preference_pairs(samples, seed=0, min_anti_stereotypical=1, validation_fraction=0.2)
+    rows = [row for split in ("train", "validation") for row in pairs[split]]
+    assert pairs["train"].features == PREFERENCE_FEATURES
+    # ardan woman: losers = image 0 (stereotype) and image 1 (gender); image 2 (wrong group) is dropped.
+    # belor man: four losers, no clean sample -> one fallback render, paired with all four.
+    assert len(rows) == 2 + 4
+    assert pairs["validation"].num_rows == 1 and pairs["train"].num_rows == 5
+    ardan = [r for r in rows if r["prompt"] == toy_prompt("ardan", "woman")]
+    assert sorted(r["rejection"] for r in ardan) == ["gender", "stereotype"]
+    assert all(r["anti_stereotypical_source"] == "model" and r["anti_stereotypical_seed"] == 3 for r in ardan)
+    belor = [r for r in rows if r["prompt"] == toy_prompt("belor", "man")]
+    assert sorted(r["rejection"] for r in belor) == ["stereotype"] * 3 + ["stereotype+gender"]
+    assert {r["anti_stereotypical_source"] for r in belor} == {"render"}
+    assert len({np.asarray(r["anti_stereotypical"]).tobytes() for r in belor}) == 1
+    assert {r["group"] for r in belor} == {"belor"} and {r["gender"] for r in belor} == {"man"}
+    # The stereotypical image is the model's sample itself.
+    loser = next(r for r in ardan if r["rejection"] == "stereotype")
+    expected = samples.to_uint8()[0]
+    assert np.array_equal(np.asarray(loser["stereotypical"]), expected)
+
+
+def test_no_bias_no_pairs() -> None:
+    samples = _synthetic_samples()
+    samples.stereotype_probs[:] = 0.0
+    samples.predicted_genders[:] = samples.genders
+    with pytest.raises(ValueError, match="no bias to correct"):
+        build_preference_pairs(samples, seed=0)
