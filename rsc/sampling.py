@@ -13,13 +13,14 @@ import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
-import numpy as np
 import torch
 from diffusers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from rsc.images import unit_tensor_to_uint8
 
 if TYPE_CHECKING:
     from rsc.backbone import FrozenLDM
@@ -40,8 +41,7 @@ class SampleOutput:
 
     def to_pil(self) -> list[Image.Image]:
         """The images as PIL images."""
-        arrays = (self.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-        return [Image.fromarray(array) for array in arrays]
+        return [Image.fromarray(array) for array in unit_tensor_to_uint8(self.images)]
 
 
 def correction_step_indices(num_steps: int, window: tuple[float, float]) -> list[int]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,6 +21,8 @@ from diffusers import StableDiffusionPipeline
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from safetensors.torch import save_file
 from torch import Tensor
+
+from rsc.atomic import atomic_path
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -140,14 +141,7 @@ def save_single_file(pipeline: StableDiffusionPipeline, path: str | os.PathLike[
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"single-file checkpoints are written as .safetensors, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().contiguous().cpu() for key, value in pipeline_to_ldm_state_dict(pipeline).items()}
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
+    with atomic_path(path) as temporary:
         save_file(state, temporary, metadata={"format": "pt"})
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return path

@@ -14,9 +14,9 @@ from rsc.toy.classifier import (
     ToyClassifierConfig,
     augment_images,
     evaluate_classifier,
-    images_to_tensor,
     train_toy_classifier,
 )
+from rsc.images import uint8_to_tensor
 from rsc.toy.faces import GENDERS, GROUPS, random_attributes, render_faces
 
 
@@ -40,7 +40,7 @@ def test_trained_classifier_is_accurate_on_held_out_faces(
     imgs = render_faces(g, ge, st, seed=1234)
     fresh = evaluate_classifier(model, imgs, g, ge, st)
     assert min(fresh.values()) >= 0.95, fresh
-    x = augment_images(images_to_tensor(imgs), torch.Generator().manual_seed(0))
+    x = augment_images(uint8_to_tensor(imgs), torch.Generator().manual_seed(0))
     p = model.predict(x)
     assert (p["group"].argmax(-1).numpy() == g).mean() >= 0.95
     assert (p["gender"].argmax(-1).numpy() == ge).mean() >= 0.9
@@ -89,17 +89,17 @@ def test_default_size_is_small() -> None:
     assert 50_000 < n < 1_000_000
 
 
-def test_images_to_tensor_range_and_layout() -> None:
+def test_uint8_to_tensor_range_and_layout() -> None:
     imgs = np.zeros((2, 64, 64, 3), np.uint8)
     imgs[0, 1, 2] = (0, 128, 255)
-    t = images_to_tensor(imgs)
+    t = uint8_to_tensor(imgs)
     assert t.shape == (2, 3, 64, 64) and t.dtype == torch.float32
     torch.testing.assert_close(t[0, :, 1, 2], torch.tensor([-1.0, 128 / 127.5 - 1, 1.0]))
     assert t.min() >= -1 and t.max() <= 1
     with pytest.raises(ValueError, match=r"uint8"):
-        images_to_tensor(imgs.astype(np.float32))
+        uint8_to_tensor(imgs.astype(np.float32))
     with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
-        images_to_tensor(imgs[0])
+        uint8_to_tensor(imgs[0])
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
@@ -147,7 +147,7 @@ def test_evaluate_classifier_counts_and_validation() -> None:
     model = ToyAttributeClassifier(ToyClassifierConfig(base_channels=4))
     g, ge, st = random_attributes(10, seed=0)
     imgs = render_faces(g, ge, st, seed=0)
-    p = model.predict(images_to_tensor(imgs))
+    p = model.predict(uint8_to_tensor(imgs))
     acc = evaluate_classifier(model, imgs, g, ge, st, batch_size=3)
     assert acc["group"] == pytest.approx((p["group"].argmax(-1).numpy() == g).mean())
     assert acc["gender"] == pytest.approx((p["gender"].argmax(-1).numpy() == ge).mean())

@@ -12,7 +12,8 @@ from rsc.toy.data import BiasSpec, make_biased_dataset, toy_prompt, toy_prompts
 from rsc.toy.evaluate import ToySamples, toy_statistics
 from rsc.toy.faces import GENDERS, GROUPS
 from rsc.toy.preferences import build_preference_pairs
-from rsc.toy.train_sd import center_latents, encode_posteriors, images_to_unit_range
+from rsc.images import uint8_to_tensor
+from rsc.toy.train_sd import center_latents, encode_posteriors
 
 
 def test_biased_dataset_plants_the_bias() -> None:
@@ -46,7 +47,7 @@ def test_center_latents_keeps_reconstructions_and_centres_channels() -> None:
                         up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4).eval()
     with torch.no_grad():
         vae.quant_conv.bias[:4] += torch.tensor([3.0, -2.0, 1.0, 0.5])  # an off-centre latent space
-    images = images_to_unit_range(make_biased_dataset(32, seed=0).images)
+    images = uint8_to_tensor(make_biased_dataset(32, seed=0).images)
     means, _ = encode_posteriors(vae, images)
     with torch.no_grad():
         before = vae.decode(means).sample

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -29,6 +28,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from rsc.atomic import atomic_path, write_json_atomic
+from rsc.images import uint8_to_tensor
 from rsc.toy.faces import GENDERS, GROUPS, random_attributes, render_faces
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "ToyClassifierConfig",
     "augment_images",
     "evaluate_classifier",
-    "images_to_tensor",
     "train_toy_classifier",
 ]
 
@@ -190,25 +190,10 @@ class ToyAttributeClassifier(nn.Module):
         partial file.
         """
         out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file(state, tmp, metadata={"format": "pt"})
-            os.replace(tmp, out / WEIGHTS_NAME)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.config.to_dict(), f, indent=2, sort_keys=True)
-                f.write("\n")
-            os.replace(tmp, out / CONFIG_NAME)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(out / WEIGHTS_NAME) as temporary:
+            save_file(state, temporary, metadata={"format": "pt"})
+        write_json_atomic(out / CONFIG_NAME, self.config.to_dict())
 
     @classmethod
     def from_pretrained(
@@ -245,15 +230,6 @@ class ToyAttributeClassifier(nn.Module):
         model.load_state_dict(state, strict=True)
         model.to(map_location)
         return model.eval()
-
-
-def images_to_tensor(images: np.ndarray) -> Tensor:
-    """Convert ``uint8`` NHWC images to a float NCHW tensor in ``[-1, 1]``."""
-    arr = np.asarray(images)
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got dtype {arr.dtype} shape {arr.shape}")
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float()
-    return t.div_(127.5).sub_(1.0)
 
 
 def _gaussian_blur(x: Tensor, sigma: Tensor, radius: int = 2) -> Tensor:
@@ -335,7 +311,7 @@ def evaluate_classifier(
     g, ge, st = _check_labels(n, groups, genders, stereotypes)
     correct = {h: 0 for h in HEADS}
     for i in range(0, n, batch_size):
-        p = model.predict(images_to_tensor(images_uint8[i : i + batch_size]))
+        p = model.predict(uint8_to_tensor(images_uint8[i : i + batch_size]))
         sl = slice(i, i + batch_size)
         correct["group"] += int((p["group"].argmax(-1).cpu().numpy() == g[sl]).sum())
         correct["gender"] += int((p["gender"].argmax(-1).cpu().numpy() == ge[sl]).sum())
@@ -393,7 +369,7 @@ def train_toy_classifier(
 
     t0 = time.perf_counter()
     tr_attrs = random_attributes(num_images, seed=2 * seed, stereotype_rate=0.5)
-    tr_images = images_to_tensor(render_faces(*tr_attrs, seed=2 * seed))
+    tr_images = uint8_to_tensor(render_faces(*tr_attrs, seed=2 * seed))
     tr_g, tr_ge, tr_st = (torch.from_numpy(a) for a in tr_attrs)
     tr_st = tr_st.float()
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from rsc.backbone import FrozenLDM
+from rsc.images import unit_tensor_to_uint8
 from rsc.sampling import CorrectionFn
 from rsc.toy.classifier import ToyAttributeClassifier
 from rsc.toy.data import toy_prompts
@@ -42,7 +43,7 @@ class ToySamples:
 
     def to_uint8(self) -> np.ndarray:
         """Images as uint8 (N, H, W, 3)."""
-        return (self.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        return unit_tensor_to_uint8(self.images)
 
 
 @torch.no_grad()

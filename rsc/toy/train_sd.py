@@ -27,11 +27,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from rsc.random_models import default_scheduler_config, tiny_text_encoder_config
 
 
-def images_to_unit_range(images: np.ndarray) -> Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
 @dataclass
 class VAETrainingConfig:
     """Architecture and schedule of the toy VAE."""

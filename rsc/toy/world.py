@@ -30,7 +30,9 @@ import numpy as np
 import torch
 from datasets import DatasetDict, load_from_disk
 
+from rsc.atomic import write_json_atomic
 from rsc.backbone import FrozenLDM
+from rsc.images import uint8_to_tensor
 from rsc.tokenizer import build_clip_tokenizer
 from rsc.toy.classifier import ToyAttributeClassifier, train_toy_classifier
 from rsc.toy.data import BiasSpec, make_biased_dataset, toy_prompts
@@ -42,7 +44,6 @@ from rsc.toy.train_sd import (
     assemble_pipeline,
     center_latents,
     encode_posteriors,
-    images_to_unit_range,
     train_text_to_image,
     train_vae,
 )
@@ -187,12 +188,6 @@ def _folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(temporary, path)
-
-
 class _Stages:
     """Runs named build stages once; a finished stage leaves a marker and its outputs in the work folder."""
 
@@ -213,7 +208,7 @@ class _Stages:
         start = time.perf_counter()
         build()
         self.times[name] = round(time.perf_counter() - start, 1)
-        _write_json_atomic(self.work / "stage_times.json", self.times)
+        write_json_atomic(self.work / "stage_times.json", self.times)
         marker.touch()
         self.log(f"[{self.index}/{self.total}] {name}: done in {self.times[name]:.1f} s")
 
@@ -248,6 +243,8 @@ def build_toy_world(
         shutil.rmtree(work)
     work.mkdir(exist_ok=True)
     torch_threads = torch.get_num_threads()
+    if not progress:
+        _silence_library_progress_bars()
     log(f"building toy world {fingerprint} (seed {config.seed}) in {work}")
     started = time.perf_counter()
     stages = _Stages(work, log, total=6)
@@ -262,12 +259,12 @@ def build_toy_world(
             progress=progress,
         )
         classifier.save_pretrained(work / "classifier")
-        _write_json_atomic(work / "classifier_accuracy.json", accuracy)
+        write_json_atomic(work / "classifier_accuracy.json", accuracy)
 
     def vae_stage() -> None:
         data = make_biased_dataset(config.num_train_images, seed, config.bias, size=config.image_size)
-        vae = train_vae(images_to_unit_range(data.images), config.vae, seed, progress=progress)
-        means, _ = encode_posteriors(vae, images_to_unit_range(data.images))
+        vae = train_vae(uint8_to_tensor(data.images), config.vae, seed, progress=progress)
+        means, _ = encode_posteriors(vae, uint8_to_tensor(data.images))
         center_latents(vae, means)
         vae.save_pretrained(work / "vae")
 
@@ -277,7 +274,7 @@ def build_toy_world(
         data = make_biased_dataset(config.num_train_images, seed, config.bias, size=config.image_size)
         vae = AutoencoderKL.from_pretrained(work / "vae")
         # Posterior means only: the toy VAE's posterior noise would otherwise blur what the UNet learns.
-        means, _ = encode_posteriors(vae, images_to_unit_range(data.images))
+        means, _ = encode_posteriors(vae, uint8_to_tensor(data.images))
         tokenizer = build_clip_tokenizer(config.tokenizer_merges, config.unet.text_max_length)
         unet, text_encoder = train_text_to_image(
             tokenizer, means, torch.zeros_like(means), vae.config.scaling_factor, data.captions, config.unet, seed,
@@ -287,7 +284,7 @@ def build_toy_world(
 
     def evaluation_stage() -> None:
         samples = _sample(work, config, config.eval_samples_per_prompt, first_seed=0, progress=progress)
-        _write_json_atomic(work / "statistics.json", toy_statistics(samples))
+        write_json_atomic(work / "statistics.json", toy_statistics(samples))
         _save_grid(samples, work / "samples.png", per_prompt=8)
 
     def preference_stage() -> None:
@@ -314,6 +311,16 @@ def build_toy_world(
     return load_toy_world(out)
 
 
+def _silence_library_progress_bars() -> None:
+    import datasets
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def _sample(work: Path, config: ToyWorldConfig, per_prompt: int, first_seed: int, progress: bool) -> ToySamples:
     ldm = FrozenLDM.from_pretrained(work / "sd")
     classifier = ToyAttributeClassifier.from_pretrained(work / "classifier")
@@ -329,7 +336,7 @@ def _sample(work: Path, config: ToyWorldConfig, per_prompt: int, first_seed: int
 
 
 def _save_grid(samples: ToySamples, path: Path, per_prompt: int) -> None:
-    from rsc.visualize import labelled_grid
+    from rsc.images import labelled_grid
 
     rows, labels = [], []
     for prompt, _, _ in toy_prompts():
@@ -370,7 +377,7 @@ def _write_manifest(
             **statistics,
         },
     }
-    _write_json_atomic(work / "manifest.json", manifest)
+    write_json_atomic(work / "manifest.json", manifest)
 
 
 def _load_if_matching(path: Path, fingerprint: str) -> ToyWorld | None:

@@ -1,12 +1,31 @@
-"""Image grids with row labels (samples per prompt, uncorrected above corrected)."""
+"""Image conversions between the formats rsc meets, and labelled image grids.
+
+Formats: ``uint8`` (N, H, W, 3) arrays (renders, datasets, PNGs); float
+(N, 3, H, W) tensors in [-1, 1] (VAE/classifier inputs) or [0, 1] (sampler
+outputs).
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+
+def uint8_to_tensor(images: np.ndarray) -> Tensor:
+    """uint8 (N, H, W, 3) images -> float (N, 3, H, W) tensor in [-1, 1]."""
+    array = np.asarray(images)
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got dtype {array.dtype} shape {array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def unit_tensor_to_uint8(images: Tensor) -> np.ndarray:
+    """float (N, 3, H, W) tensor in [0, 1] -> uint8 (N, H, W, 3) images (rounded, clamped)."""
+    return (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
 def labelled_grid(
@@ -33,8 +52,7 @@ def labelled_grid(
     for row_index, (row, label) in enumerate(zip(rows, labels)):
         top = padding + row_index * (height + padding)
         draw.text((4, top + height // 2 - 6), label, fill="black", font=font)
-        arrays = (row.permute(0, 2, 3, 1).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-        for column, array in enumerate(arrays):
+        for column, array in enumerate(unit_tensor_to_uint8(row)):
             tile = Image.fromarray(array).resize((width, height), Image.Resampling.NEAREST)
             canvas.paste(tile, (label_width + padding + column * (width + padding), top))
     return canvas
