@@ -47,14 +47,16 @@ class PromptEmbeddings:
     uncond: Tensor | None = None
 
 
-def _hub_offline() -> bool:
+def is_hub_offline() -> bool:
+    """Whether Hugging Face Hub access is off (``HF_HUB_OFFLINE``), read at call time."""
     # Read at call time: tests and users set HF_HUB_OFFLINE after importing.
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"} or bool(
         hub_constants.HF_HUB_OFFLINE
     )
 
 
-def _looks_like_local_path(source: str) -> bool:
+def looks_like_local_path(source: str) -> bool:
+    """Whether ``source`` is meant as a filesystem path rather than a Hub id."""
     # A Hub id is "name" or "org/name"; anything else that is not on disk is a missing path.
     return (
         os.path.isabs(source)
@@ -111,7 +113,7 @@ def load_sd_pipeline(
     """
     source_str = os.fspath(source)
     path = Path(source_str).expanduser()
-    offline = _hub_offline() if local_files_only is None else local_files_only
+    offline = is_hub_offline() if local_files_only is None else local_files_only
     common: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False, "feature_extractor": None}
     if dtype is not None:
         common["dtype"] = dtype
@@ -139,7 +141,7 @@ def load_sd_pipeline(
         check_sd_pipeline_folder(path)
         return StableDiffusionPipeline.from_pretrained(str(path), variant=variant, **common)
 
-    if _looks_like_local_path(source_str):
+    if looks_like_local_path(source_str):
         raise FileNotFoundError(f"{source_str} does not exist (expected a diffusers folder or a Hub id)")
 
     try:

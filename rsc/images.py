@@ -20,7 +20,7 @@ def uint8_to_tensor(images: np.ndarray) -> Tensor:
     array = np.asarray(images)
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
         raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got dtype {array.dtype} shape {array.shape}")
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return torch.from_numpy(np.array(array, copy=True)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 def unit_tensor_to_uint8(images: Tensor) -> np.ndarray:

@@ -57,6 +57,22 @@ def correction_step_indices(num_steps: int, window: tuple[float, float]) -> list
     return [i for i in range(num_steps) if start <= i / num_steps < end]
 
 
+def window_timestep_range(window: tuple[float, float], num_train_timesteps: int = 1000) -> tuple[int, int]:
+    """Training timesteps ``[low, high)`` that correspond to a correction window.
+
+    Sampling step ``i`` of ``N`` sits at training timestep ~``T * (1 - i / N)``,
+    so the window's fractions ``(start, end)`` map to ``t`` in
+    ``[T * (1 - end), T * (1 - start))``: the rule of :func:`correction_step_indices`
+    seen from the training side, so training and sampling correct the same noise levels.
+    """
+    start, end = window
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"correction window must satisfy 0 <= start < end <= 1, got {window}")
+    low = int(round(num_train_timesteps * (1.0 - end)))
+    high = int(round(num_train_timesteps * (1.0 - start)))
+    return low, max(high, low + 1)
+
+
 def make_scheduler(reference: SchedulerMixin, scheduler: SchedulerMixin | str | None = None) -> SchedulerMixin:
     """A fresh scheduler for one sampling run (schedulers hold per-run state).
 

@@ -93,7 +93,7 @@ def test_statistics_by_hand() -> None:
 
 def test_preference_pairs_by_hand() -> None:
     samples = _synthetic_samples()
-    pairs = build_preference_pairs(samples, seed=0, min_anti_stereotypical=1, validation_fraction=0.2)
+    pairs = build_preference_pairs(samples, seed=0, min_anti_stereotypical=1, min_pairs_per_prompt=0, validation_fraction=0.2)
     rows = [row for split in ("train", "validation") for row in pairs[split]]
     assert pairs["train"].features == PREFERENCE_FEATURES
     # ardan woman: losers = image 0 (stereotype) and image 1 (gender); image 2 (wrong group) is dropped.
@@ -112,6 +112,23 @@ def test_preference_pairs_by_hand() -> None:
     loser = next(r for r in ardan if r["rejection"] == "stereotype")
     expected = samples.to_uint8()[0]
     assert np.array_equal(np.asarray(loser["stereotypical"]), expected)
+
+
+def test_anchor_pairs_for_prompts_without_stereotyped_samples() -> None:
+    samples = _synthetic_samples()
+    pairs = build_preference_pairs(samples, seed=0, min_anti_stereotypical=1, min_pairs_per_prompt=3, validation_fraction=0.2)
+    rows = [row for split in ("train", "validation") for row in pairs[split]]
+    by_prompt = {prompt: [r for r in rows if r["prompt"] == prompt] for prompt, _, _ in toy_prompts()}
+    # ardan woman: 2 model losers + 1 stereotyped render; belor man: 4 model losers; the other 6 prompts: 3 renders.
+    assert {p: len(r) for p, r in by_prompt.items()} == {
+        p: (4 if p == toy_prompt("belor", "man") else 3) for p, _, _ in toy_prompts()
+    }
+    assert len(rows) == 4 + 3 * 7
+    anchors = by_prompt[toy_prompt("cyran", "man")]
+    assert {r["stereotypical_source"] for r in anchors} == {"render"}
+    assert {r["anti_stereotypical_source"] for r in anchors} == {"model"}  # the model's own clean samples
+    assert {r["rejection"] for r in anchors} == {"stereotype"}
+    assert sorted(r["stereotypical_source"] for r in by_prompt[toy_prompt("ardan", "woman")]) == ["model", "model", "render"]
 
 
 def test_no_bias_no_pairs() -> None:

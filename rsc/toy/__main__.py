@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from rsc.toy.world import ToyWorldConfig, build_toy_world, default_cache_dir, get_toy_world, load_toy_world
+from rsc.cache import cache_root
+from rsc.toy.world import ToyWorldConfig, build_toy_world, get_toy_world, load_toy_world
 
 
 def _config(args: argparse.Namespace) -> ToyWorldConfig:
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     build = commands.add_parser("build", help="build the toy world (reused from the cache unless --force)")
     build.add_argument(
         "--out", type=Path, default=None,
-        help=f"destination folder (default: the world shipped in rsc/toy/world if it matches, else {default_cache_dir()}/toy_world-<fingerprint>)",
+        help=f"destination folder (default: the world shipped in rsc/toy/world if it matches, else {cache_root()}/toy_world-<fingerprint>)",
     )
     for sub in (build,):
         sub.add_argument("--seed", type=int, default=0)
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is None and not args.force:
             world = get_toy_world(config, progress=not args.no_progress)  # shipped, cached or built
         else:
-            out = args.out or default_cache_dir() / f"toy_world-{config.fingerprint()}"
+            out = args.out or cache_root() / f"toy_world-{config.fingerprint()}"
             world = build_toy_world(out, config, force=args.force, progress=not args.no_progress)
         print(f"toy world at {world.path}")
         _print_summary(world.manifest)

@@ -125,3 +125,59 @@ def format_statistics(statistics: dict[str, Any], targeted_groups: tuple[str, ..
             f"{rates['gender_consistency']:>12.2f} {rates['stereotype_rate']:>10.2f}"
         )
     return "\n".join(lines)
+
+
+def efficacy_report(
+    uncorrected: ToySamples, corrected: ToySamples, targeted_groups: tuple[str, ...]
+) -> dict[str, Any]:
+    """Per-group effect of a correction measured on the same prompts and seeds, with the toy acceptance checks.
+
+    Checks: the targeted groups' stereotype rate falls to at most a third; group match stays
+    >= 0.85 for every group; the targeted groups' gender consistency rises; non-targeted groups
+    barely change (mean SSIM between corrected and uncorrected images >= 0.9).
+    """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    if uncorrected.prompts != corrected.prompts or not np.array_equal(uncorrected.seeds, corrected.seeds):
+        raise ValueError("efficacy needs the same prompts and seeds with and without the correction")
+    before, after = toy_statistics(uncorrected), toy_statistics(corrected)
+    groups: dict[str, Any] = {}
+    for index, group in enumerate(GROUPS):
+        mask = torch.from_numpy(uncorrected.groups == index)
+        ssim = structural_similarity_index_measure(corrected.images[mask], uncorrected.images[mask], data_range=1.0)
+        groups[group] = {
+            "targeted": group in targeted_groups,
+            "stereotype_rate": [before["per_group"][group]["stereotype_rate"], after["per_group"][group]["stereotype_rate"]],
+            "gender_consistency": [before["per_group"][group]["gender_consistency"], after["per_group"][group]["gender_consistency"]],
+            "group_match": [before["per_group"][group]["group_match"], after["per_group"][group]["group_match"]],
+            "ssim": float(ssim),
+        }
+    targeted = [g for g in GROUPS if g in targeted_groups]
+    others = [g for g in GROUPS if g not in targeted_groups]
+    checks = {
+        "stereotype_rate_at_most_a_third": all(
+            groups[g]["stereotype_rate"][1] <= groups[g]["stereotype_rate"][0] / 3 for g in targeted
+        ),
+        "group_match_at_least_0.85": all(groups[g]["group_match"][1] >= 0.85 for g in GROUPS),
+        "targeted_gender_consistency_rises": all(
+            groups[g]["gender_consistency"][1] > groups[g]["gender_consistency"][0] for g in targeted
+        ),
+        "non_targeted_ssim_at_least_0.9": all(groups[g]["ssim"] >= 0.9 for g in others),
+    }
+    return {"per_group": groups, "checks": checks, "images_per_group": int((uncorrected.groups == 0).sum())}
+
+
+def format_efficacy(report: dict[str, Any]) -> str:
+    """The efficacy report as a plain-text table (before -> after)."""
+    lines = [
+        f"{'group':<8} {'targeted':>8} {'stereotype rate':>17} {'gender cons.':>14} {'group match':>13} {'SSIM':>6}"
+    ]
+    for group, row in report["per_group"].items():
+        lines.append(
+            f"{group:<8} {('yes' if row['targeted'] else 'no'):>8} "
+            f"{row['stereotype_rate'][0]:>7.2f} -> {row['stereotype_rate'][1]:<5.2f} "
+            f"{row['gender_consistency'][0]:>5.2f} -> {row['gender_consistency'][1]:<5.2f} "
+            f"{row['group_match'][0]:>4.2f} -> {row['group_match'][1]:<4.2f} {row['ssim']:>6.3f}"
+        )
+    lines += [f"  [{'PASS' if ok else 'FAIL'}] {name}" for name, ok in report["checks"].items()]
+    return "\n".join(lines)

@@ -7,7 +7,10 @@ that show the prompt's group and gender without the stereotype are
 anti-stereotypical sample of the same prompt, so a pair differs in the
 stereotype and not in image style. When a prompt has too few clean samples,
 clean procedural renders fill the gap (as real users pair SD samples with
-real photos), marked ``anti_stereotypical_source="render"``.
+real photos), marked ``anti_stereotypical_source="render"``; when it has too
+few stereotyped samples (the groups the model treats fairly), stereotyped
+renders stand in as the rejected side, so the refiner also learns where to
+change nothing.
 """
 
 from __future__ import annotations
@@ -26,14 +29,22 @@ def build_preference_pairs(
     samples: ToySamples,
     seed: int,
     min_anti_stereotypical: int = 32,
+    min_pairs_per_prompt: int = 24,
     validation_fraction: float = 0.1,
 ) -> DatasetDict:
     """Pair the stereotypical samples of each prompt with anti-stereotypical ones; split train/validation.
 
+    Every prompt gets at least ``min_pairs_per_prompt`` pairs. Where the model rarely
+    produces the stereotype (the non-targeted groups), stereotyped procedural renders of
+    the prompt's group and gender stand in for the missing stereotypical samples, paired
+    with the model's own clean samples: these anchor pairs tell the refiner what to leave
+    alone, since the model's output is already the preferred side.
+
     Args:
         samples: Classified samples of the toy SD (every toy prompt).
         seed: Seed for the pairing, the fallback renders and the split.
-        min_anti_stereotypical: Top up a prompt's clean samples with procedural renders to this many.
+        min_anti_stereotypical: Top up a prompt's clean samples with clean renders to this many.
+        min_pairs_per_prompt: Top up a prompt's stereotypical samples with stereotyped renders to this many.
         validation_fraction: Share of pairs in the validation split (at least one pair).
     """
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(11,)))
@@ -41,43 +52,46 @@ def build_preference_pairs(
     group_ok = samples.predicted_groups == samples.groups
     gender_ok = samples.predicted_genders == samples.genders
     stereotyped = samples.stereotyped
+    if not (group_ok & (stereotyped | ~gender_ok)).any():
+        raise ValueError("no sample is stereotyped or gender-inconsistent: the toy SD shows no bias to correct")
     rows: list[dict] = []
     for prompt_index, (prompt, group, gender) in enumerate(toy_prompts()):
         in_prompt = np.array([p == prompt for p in samples.prompts])
         winners = np.flatnonzero(in_prompt & group_ok & gender_ok & ~stereotyped)
         losers = np.flatnonzero(in_prompt & group_ok & (stereotyped | ~gender_ok))
-        if len(losers) == 0:
-            continue
-        pool: list[tuple[np.ndarray, str, int]] = [(images[i], "model", int(samples.seeds[i])) for i in winners]
-        missing = max(0, min_anti_stereotypical - len(pool))
-        if missing:
-            renders = render_faces(
-                [GROUPS.index(group)] * missing,
-                [GENDERS.index(gender)] * missing,
-                [False] * missing,
-                seed=seed * 1000 + prompt_index,
-            )
-            pool += [(render, "render", -1) for render in renders]
-        order = rng.permutation(len(pool))
-        for position, loser in enumerate(rng.permutation(losers)):
-            winner_image, winner_source, winner_seed = pool[order[position % len(pool)]]
-            reasons = [name for name, bad in (("stereotype", stereotyped[loser]), ("gender", not gender_ok[loser])) if bad]
+        attributes = ([GROUPS.index(group)], [GENDERS.index(gender)])
+
+        def renders(count: int, stereotype: bool, render_seed: int) -> list[np.ndarray]:
+            return list(render_faces(attributes[0] * count, attributes[1] * count, [stereotype] * count, seed=render_seed))
+
+        winner_pool: list[tuple[np.ndarray, str, int]] = [(images[i], "model", int(samples.seeds[i])) for i in winners]
+        winner_pool += [(r, "render", -1) for r in renders(max(0, min_anti_stereotypical - len(winner_pool)), False, seed * 1000 + prompt_index)]
+        loser_pool: list[tuple[np.ndarray, str, int, str]] = []
+        for i in losers:
+            reasons = [name for name, bad in (("stereotype", stereotyped[i]), ("gender", not gender_ok[i])) if bad]
+            loser_pool.append((images[i], "model", int(samples.seeds[i]), "+".join(reasons)))
+        missing = max(0, min_pairs_per_prompt - len(loser_pool))
+        loser_pool += [(r, "render", -1, "stereotype") for r in renders(missing, True, seed * 1000 + 500 + prompt_index)]
+        order = rng.permutation(len(winner_pool))
+        for position, loser_index in enumerate(rng.permutation(len(loser_pool))):
+            winner_image, winner_source, winner_seed = winner_pool[order[position % len(winner_pool)]]
+            loser_image, loser_source, loser_seed, rejection = loser_pool[loser_index]
             rows.append(
                 {
                     "prompt": prompt,
                     "anti_stereotypical": Image.fromarray(winner_image),
-                    "stereotypical": Image.fromarray(images[loser]),
+                    "stereotypical": Image.fromarray(loser_image),
                     "group": group,
                     "gender": gender,
                     "anti_stereotypical_source": winner_source,
-                    "stereotypical_source": "model",
+                    "stereotypical_source": loser_source,
                     "anti_stereotypical_seed": winner_seed,
-                    "stereotypical_seed": int(samples.seeds[loser]),
-                    "rejection": "+".join(reasons),
+                    "stereotypical_seed": loser_seed,
+                    "rejection": rejection,
                 }
             )
     if len(rows) < 2:
-        raise ValueError(f"only {len(rows)} preference pairs could be formed; the toy SD shows no bias to correct")
+        raise ValueError(f"only {len(rows)} preference pairs could be formed; need at least 2 for train and validation")
     order = rng.permutation(len(rows))
     num_validation = max(1, int(round(validation_fraction * len(rows))))
     split = {

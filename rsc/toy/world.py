@@ -32,6 +32,7 @@ from datasets import DatasetDict, load_from_disk
 
 from rsc.atomic import write_json_atomic
 from rsc.backbone import FrozenLDM
+from rsc.cache import cache_root
 from rsc.images import uint8_to_tensor
 from rsc.tokenizer import build_clip_tokenizer
 from rsc.toy.classifier import ToyAttributeClassifier, train_toy_classifier
@@ -49,7 +50,7 @@ from rsc.toy.train_sd import (
 )
 
 # Bump when a code change alters what a build produces, so cached worlds are rebuilt.
-TOY_WORLD_VERSION = 1
+TOY_WORLD_VERSION = 2
 SHIPPED_WORLD_DIR = Path(__file__).parent / "world"
 
 
@@ -160,11 +161,6 @@ class ToyWorld:
         return load_from_disk(str(self.preferences_path))
 
 
-def default_cache_dir() -> Path:
-    """Where built worlds are cached: ``$RSC_CACHE`` or ``~/.cache/rsc``."""
-    return Path(os.environ.get("RSC_CACHE", Path.home() / ".cache" / "rsc")).expanduser()
-
-
 def _versions() -> dict[str, str]:
     import datasets
     import diffusers
@@ -273,6 +269,7 @@ def build_toy_world(
 
         data = make_biased_dataset(config.num_train_images, seed, config.bias, size=config.image_size)
         vae = AutoencoderKL.from_pretrained(work / "vae")
+        vae.register_to_config(_name_or_path="rsc-toy-vae")  # not the temporary build path
         # Posterior means only: the toy VAE's posterior noise would otherwise blur what the UNet learns.
         means, _ = encode_posteriors(vae, uint8_to_tensor(data.images))
         tokenizer = build_clip_tokenizer(config.tokenizer_merges, config.unet.text_max_length)
@@ -409,5 +406,5 @@ def get_toy_world(
     shipped = _load_if_matching(SHIPPED_WORLD_DIR, fingerprint)
     if shipped is not None:
         return shipped
-    out = Path(cache_dir or default_cache_dir()) / f"toy_world-{fingerprint}"
+    out = Path(cache_dir or cache_root()) / f"toy_world-{fingerprint}"
     return build_toy_world(out, config, progress=progress)

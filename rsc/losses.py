@@ -1,0 +1,87 @@
+"""Preference losses for the latent refiner.
+
+rsc's formulation (DESIGN.md): for a pair (x_w anti-stereotypical, x_l
+stereotypical) noised with the same t and eps, e_m(x) is the mean squared
+error of model m's prediction of the clean latent; the policy m=theta runs
+the frozen UNet on the corrected latent, the reference m=ref on the
+uncorrected one. The refiner should lower the error on x_w relative to the
+reference more than on x_l:
+
+    margin = (e_theta(w) - e_ref(w)) - (e_theta(l) - e_ref(l))
+    L_pref = mean_pairs[ -log sigmoid(-beta / 2 * margin) ]
+    L      = L_pref + lambda_reg * mean ||R||^2 + lambda_sft * mean e_theta(w)
+
+The log-sigmoid is taken per pair, then averaged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def per_sample_error(target: Tensor, prediction: Tensor) -> Tensor:
+    """Mean squared error per sample over all non-batch dimensions: (B, ...) -> (B,)."""
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+@dataclass
+class PreferenceLossOutput:
+    """The loss and what is logged with it (all scalars except ``margin``, which is per pair)."""
+
+    loss: Tensor
+    preference_loss: Tensor
+    regularization: Tensor
+    sft: Tensor
+    margin: Tensor
+    accuracy: Tensor
+    winner_gap: Tensor
+    loser_gap: Tensor
+
+
+class PreferenceLoss(torch.nn.Module):
+    """The per-pair log-sigmoid preference loss with a refiner-magnitude regulariser and an optional SFT term.
+
+    Args:
+        beta: Inverse temperature of the preference (larger = sharper).
+        lambda_reg: Weight of the mean squared refiner output.
+        lambda_sft: Weight of the policy error on the preferred sample.
+    """
+
+    def __init__(self, beta: float = 1000.0, lambda_reg: float = 0.1, lambda_sft: float = 0.0) -> None:
+        super().__init__()
+        if beta <= 0:
+            raise ValueError(f"beta must be positive, got {beta}")
+        if lambda_reg < 0 or lambda_sft < 0:
+            raise ValueError(f"lambda_reg and lambda_sft must be >= 0, got {lambda_reg} and {lambda_sft}")
+        self.beta, self.lambda_reg, self.lambda_sft = beta, lambda_reg, lambda_sft
+
+    def forward(
+        self,
+        policy_error_w: Tensor,
+        reference_error_w: Tensor,
+        policy_error_l: Tensor,
+        reference_error_l: Tensor,
+        refiner_output: Tensor,
+    ) -> PreferenceLossOutput:
+        """Loss from per-pair errors (each (B,)) and the refiner's outputs for the batch (any shape)."""
+        winner_gap = policy_error_w - reference_error_w
+        loser_gap = policy_error_l - reference_error_l
+        margin = winner_gap - loser_gap
+        preference = -F.logsigmoid(-0.5 * self.beta * margin).mean()
+        regularization = refiner_output.float().pow(2).mean()
+        sft = policy_error_w.mean()
+        loss = preference + self.lambda_reg * regularization + self.lambda_sft * sft
+        return PreferenceLossOutput(
+            loss=loss,
+            preference_loss=preference.detach(),
+            regularization=regularization.detach(),
+            sft=sft.detach(),
+            margin=margin.detach(),
+            accuracy=(margin < 0).float().mean().detach(),
+            winner_gap=winner_gap.mean().detach(),
+            loser_gap=loser_gap.mean().detach(),
+        )

@@ -1,0 +1,180 @@
+"""The LightningModule that trains a latent refiner against a frozen Stable Diffusion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from rsc.backbone import FrozenLDM
+from rsc.losses import PreferenceLoss, PreferenceLossOutput, per_sample_error
+from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection
+from rsc.sampling import window_timestep_range
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class RSCorrector(L.LightningModule):
+    """Trains a :class:`~rsc.refiner.LatentRefiner` on preference pairs; the backbone stays frozen.
+
+    Only the refiner's parameters reach the optimizer and the checkpoint; the
+    checkpoint records ``backbone`` (Hub id or path) so the model can be rebuilt.
+
+    Args:
+        backbone: Hub id, diffusers folder or single-file checkpoint of the frozen SD.
+        backbone_config: For single-file backbones: the diffusers folder with its configs.
+        backbone_dtype: dtype of the frozen weights ("float32", "float16", "bfloat16").
+        hidden_channels: Refiner block width.
+        num_blocks: Refiner residual blocks.
+        embedding_dim: Refiner conditioning width.
+        norm_groups: Refiner GroupNorm groups.
+        correction_window: Fractions (start, end) of the sampling trajectory that are corrected
+            (0 = pure noise); training draws timesteps from the same window.
+        strength: s in ``z_t + s * R(z_t, t, c)``, at training and at sampling time.
+        beta: Preference inverse temperature.
+        lambda_reg: Weight of the refiner-magnitude regulariser.
+        lambda_sft: Weight of the policy error on the preferred sample.
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear learning-rate warm-up.
+        gradient_checkpointing: Recompute UNet activations in the backward pass (saves GPU memory).
+        compile_refiner: ``torch.compile`` the refiner.
+        seed: Seed of the validation noise (validation is deterministic).
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        backbone_config: str | None = None,
+        backbone_dtype: str = "float32",
+        hidden_channels: int = 128,
+        num_blocks: int = 4,
+        embedding_dim: int = 256,
+        norm_groups: int = 32,
+        correction_window: tuple[float, float] = (0.0, 0.5),
+        strength: float = 1.0,
+        beta: float = 1000.0,
+        lambda_reg: float = 0.1,
+        lambda_sft: float = 0.0,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        gradient_checkpointing: bool = False,
+        compile_refiner: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if backbone_dtype not in _DTYPES:
+            raise ValueError(f"backbone_dtype must be one of {sorted(_DTYPES)}, got {backbone_dtype!r}")
+        self.save_hyperparameters()
+        self.ldm = FrozenLDM.from_pretrained(backbone, config=backbone_config, dtype=_DTYPES[backbone_dtype])
+        if gradient_checkpointing:
+            self.ldm.unet.enable_gradient_checkpointing()
+        self.refiner = LatentRefiner(
+            RefinerConfig(
+                latent_channels=self.ldm.latent_channels,
+                text_embedding_dim=self.ldm.text_embedding_dim,
+                hidden_channels=hidden_channels,
+                num_blocks=num_blocks,
+                embedding_dim=embedding_dim,
+                norm_groups=norm_groups,
+            )
+        )
+        # A compiled *function*, not a module attribute: a second module reference would
+        # duplicate the refiner's weights in every checkpoint.
+        self._refiner_forward = torch.compile(self.refiner.forward) if compile_refiner else self.refiner.forward
+        self.loss_fn = PreferenceLoss(beta=beta, lambda_reg=lambda_reg, lambda_sft=lambda_sft)
+        self.timestep_range = window_timestep_range(
+            tuple(correction_window), self.ldm.noise_scheduler.config.num_train_timesteps
+        )
+        # The backbone is rebuilt from hparams; checkpoints hold the refiner only.
+        self.strict_loading = False
+
+    # ------------------------------------------------------------------ the step
+    def pair_step(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[PreferenceLossOutput, Tensor]:
+        """Loss on a batch of pairs: one timestep and noise per pair, winner and loser through one UNet call each."""
+        winners, losers = batch["anti_stereotypical_latents"], batch["stereotypical_latents"]
+        text = batch["prompt_embeds"]
+        pairs = winners.shape[0]
+        low, high = self.timestep_range
+        timesteps = torch.randint(low, high, (pairs,), generator=generator, device="cpu").to(winners.device)
+        noise = torch.randn(winners.shape, generator=generator, device="cpu").to(winners.device, winners.dtype)
+        clean = torch.cat([winners, losers])
+        timesteps, text = torch.cat([timesteps, timesteps]), torch.cat([text, text])
+        noisy = self.ldm.add_noise(clean, torch.cat([noise, noise]), timesteps)
+        delta = self._refiner_forward(noisy, timesteps, text)
+        policy = per_sample_error(clean, self.ldm.predict_x0(noisy + self.hparams.strength * delta, timesteps, text))
+        with torch.no_grad():
+            reference = per_sample_error(clean, self.ldm.predict_x0(noisy, timesteps, text))
+        output = self.loss_fn(policy[:pairs], reference[:pairs], policy[pairs:], reference[pairs:], delta)
+        return output, delta
+
+    def _log_output(self, prefix: str, output: PreferenceLossOutput, delta: Tensor, batch_size: int) -> None:
+        on_step = prefix == "train"
+        values = {
+            "preference_loss": output.preference_loss,
+            "preference_accuracy": output.accuracy,
+            "winner_error_gap": output.winner_gap,
+            "loser_error_gap": output.loser_gap,
+            "refiner_rms": delta.detach().float().pow(2).mean().sqrt(),
+        }
+        self.log_dict(
+            {f"{prefix}/{name}": value for name, value in values.items()},
+            on_step=on_step,
+            on_epoch=not on_step,
+            prog_bar=False,
+            batch_size=batch_size,
+            sync_dist=not on_step,
+        )
+        self.log(f"{prefix}/loss", output.loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step,
+                 batch_size=batch_size, sync_dist=not on_step)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """One optimisation step on a batch of preference pairs.
+
+        Timesteps and noise come from a generator seeded by (seed, step, rank), not from the
+        global RNG, so a run resumed from a checkpoint draws exactly what an uninterrupted one would.
+        """
+        generator = torch.Generator().manual_seed(
+            (self.hparams.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank
+        )
+        output, delta = self.pair_step(batch, generator)
+        self._log_output("train", output, delta, batch["prompt_embeds"].shape[0])
+        return output.loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """The same loss with noise and timesteps fixed by the row indices (identical every epoch)."""
+        generator = torch.Generator().manual_seed(self.hparams.seed * 7_919 + int(batch["index"][0]) + 1)
+        output, delta = self.pair_step(batch, generator)
+        self._log_output("val", output, delta, batch["prompt_embeds"].shape[0])
+
+    # ------------------------------------------------------------------ optimisation and checkpoints
+    def configure_optimizers(self) -> Any:
+        """AdamW over the refiner's parameters only, with linear warm-up."""
+        optimizer = torch.optim.AdamW(
+            self.refiner.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
+        warmup = max(1, self.hparams.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop the frozen backbone's weights: the checkpoint names it in ``hyper_parameters['backbone']``."""
+        checkpoint["state_dict"] = {
+            key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("ldm.")
+        }
+
+    def correction(self, strength: float | None = None) -> RefinerCorrection:
+        """The trained refiner as a sampler correction (default: the training strength)."""
+        return RefinerCorrection(self.refiner, self.hparams.strength if strength is None else strength)
+
+    def export_config(self) -> dict[str, Any]:
+        """What a frontend needs besides the weights: window, strength, the backbone it was trained for."""
+        return {
+            "correction_window": list(self.hparams.correction_window),
+            "strength": self.hparams.strength,
+            "backbone": self.hparams.backbone,
+            "prediction_type": self.ldm.prediction_type,
+        }

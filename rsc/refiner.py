@@ -1,0 +1,175 @@
+"""The latent refiner R_theta(z_t, t, c) -> delta: the only trained network in rsc.
+
+A small residual conv net at the latent resolution, conditioned on the
+timestep (sinusoidal embedding + MLP) and on the prompt (mean-pooled text
+embeddings, projected), both injected into every block as a FiLM scale and
+shift. Its output convolution starts at zero, so an untrained refiner is the
+identity correction. Saved as ``refiner.safetensors`` + ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from rsc.atomic import atomic_path, write_json_atomic
+
+WEIGHTS_NAME = "refiner.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class RefinerConfig:
+    """Architecture of a :class:`LatentRefiner`.
+
+    Attributes:
+        latent_channels: Channels of the latent code (4 for SD 1.x/2.x).
+        text_embedding_dim: Width of the text encoder's token embeddings (768 for SD 1.x, 1024 for 2.x).
+        hidden_channels: Width of the residual blocks.
+        num_blocks: Number of residual blocks.
+        embedding_dim: Width of the timestep/prompt conditioning vector.
+        norm_groups: GroupNorm groups in the blocks.
+    """
+
+    latent_channels: int = 4
+    text_embedding_dim: int = 768
+    hidden_channels: int = 128
+    num_blocks: int = 4
+    embedding_dim: int = 256
+    norm_groups: int = 32
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"RefinerConfig.{item.name} must be a positive integer, got {value!r}")
+        if self.hidden_channels % self.norm_groups:
+            raise ValueError(
+                f"RefinerConfig.hidden_channels ({self.hidden_channels}) must be divisible by norm_groups ({self.norm_groups})"
+            )
+
+    def to_dict(self) -> dict[str, int]:
+        """A JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RefinerConfig:
+        """Build from a dict, rejecting unknown keys."""
+        known = {item.name for item in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown RefinerConfig keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**values)
+
+
+class _FiLMResBlock(nn.Module):
+    def __init__(self, channels: int, embedding_dim: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.film = nn.Linear(embedding_dim, 2 * channels)
+        self.norm2 = nn.GroupNorm(groups, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = nn.SiLU()
+
+    def forward(self, x: Tensor, embedding: Tensor) -> Tensor:
+        h = self.conv1(self.act(self.norm1(x)))
+        scale, shift = self.film(embedding)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        return x + self.conv2(self.act(h))
+
+
+class LatentRefiner(nn.Module):
+    """R_theta(z_t, t, c): a latent-code correction of z_t's shape.
+
+    Args:
+        config: Architecture; default :class:`RefinerConfig` (SD 1.x sizes).
+    """
+
+    def __init__(self, config: RefinerConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or RefinerConfig()
+        c = self.config
+        self.time_proj = Timesteps(c.embedding_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(c.embedding_dim, c.embedding_dim)
+        self.text_projection = nn.Sequential(
+            nn.LayerNorm(c.text_embedding_dim), nn.Linear(c.text_embedding_dim, c.embedding_dim)
+        )
+        self.conv_in = nn.Conv2d(c.latent_channels, c.hidden_channels, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            [_FiLMResBlock(c.hidden_channels, c.embedding_dim, c.norm_groups) for _ in range(c.num_blocks)]
+        )
+        self.norm_out = nn.GroupNorm(c.norm_groups, c.hidden_channels)
+        self.conv_out = nn.Conv2d(c.hidden_channels, c.latent_channels, 3, padding=1)
+        # Zero output layer: an untrained refiner leaves the sampler exactly as it was.
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, latents: Tensor, timesteps: Tensor, text_embeddings: Tensor) -> Tensor:
+        """The correction delta for ``latents`` (B, C, h, w) at ``timesteps`` (B,) given token embeddings (B, L, D)."""
+        if latents.ndim != 4 or latents.shape[1] != self.config.latent_channels:
+            raise ValueError(
+                f"latents must be (B, {self.config.latent_channels}, h, w), got {tuple(latents.shape)}"
+            )
+        if text_embeddings.ndim != 3 or text_embeddings.shape[-1] != self.config.text_embedding_dim:
+            raise ValueError(
+                f"text_embeddings must be (B, L, {self.config.text_embedding_dim}), got {tuple(text_embeddings.shape)}"
+            )
+        dtype = self.conv_in.weight.dtype
+        timesteps = timesteps.reshape(-1).expand(latents.shape[0]) if timesteps.numel() == 1 else timesteps
+        embedding = self.time_embedding(self.time_proj(timesteps.to(latents.device)).to(dtype))
+        embedding = embedding + self.text_projection(text_embeddings.to(dtype).mean(dim=1))
+        embedding = nn.functional.silu(embedding)
+        h = self.conv_in(latents.to(dtype))
+        for block in self.blocks:
+            h = block(h, embedding)
+        return self.conv_out(nn.functional.silu(self.norm_out(h))).to(latents.dtype)
+
+    def num_parameters(self) -> int:
+        """Number of parameters."""
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], extra_config: dict[str, Any] | None = None) -> None:
+        """Write ``refiner.safetensors`` and ``config.json`` (architecture plus ``extra_config``), atomically."""
+        directory = Path(save_directory)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(directory / WEIGHTS_NAME) as temporary:
+            save_file(state, temporary, metadata={"format": "pt"})
+        write_json_atomic(directory / CONFIG_NAME, {"architecture": self.config.to_dict(), **(extra_config or {})})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> LatentRefiner:
+        """Load a refiner written by :meth:`save_pretrained`."""
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(
+                    f"{directory / name} not found: a refiner folder holds {CONFIG_NAME} and {WEIGHTS_NAME} "
+                    "(written by LatentRefiner.save_pretrained)"
+                )
+        payload = json.loads((directory / CONFIG_NAME).read_text())
+        if "architecture" not in payload:
+            raise ValueError(f"{directory / CONFIG_NAME} has no 'architecture' entry")
+        refiner = cls(RefinerConfig.from_dict(payload["architecture"]))
+        refiner.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(device)))
+        return refiner.to(device)
+
+
+class RefinerCorrection:
+    """The sampling-time update ``z_t <- z_t + strength * R(z_t, t, c)``, usable as a sampler's ``correction``."""
+
+    def __init__(self, refiner: LatentRefiner, strength: float = 1.0) -> None:
+        self.refiner, self.strength = refiner, strength
+
+    @torch.no_grad()
+    def __call__(self, latents: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
+        """Corrected latents."""
+        return latents + self.strength * self.refiner(latents, timesteps, cond)

@@ -1,0 +1,126 @@
+"""`python -m rsc.fit`: LightningCLI config, refiner-only checkpoints, export, exact resume, DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rsc.fit import main as fit_main
+from rsc.toy.world import ToyWorldConfig, build_toy_world
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def micro_world(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    return build_toy_world(tmp_path_factory.mktemp("fit_world") / "micro", ToyWorldConfig.micro(), progress=False)
+
+
+def _config(world, run_dir: Path, cache: Path, max_epochs: int, devices: int = 1) -> Path:  # noqa: ANN001
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": devices,
+            "max_epochs": max_epochs,
+            "default_root_dir": str(run_dir),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(run_dir), "name": "", "version": ""}},
+            "enable_progress_bar": False,
+            "log_every_n_steps": 1,
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(run_dir / "checkpoints"), "save_last": True, "save_top_k": 0,
+                               "every_n_epochs": 1}},
+                {"class_path": "callbacks.export.ExportRefiner"},
+                {"class_path": "callbacks.toy_efficacy.ToyEfficacyReport",
+                 "init_args": {"world": str(world.path), "samples_per_prompt": 2}},
+            ],
+        },
+        "model": {"backbone": str(world.sd_path), "hidden_channels": 16, "num_blocks": 1, "embedding_dim": 16,
+                  "norm_groups": 4, "learning_rate": 1e-2, "beta": 100.0},
+        "data": {"dataset": str(world.preferences_path), "batch_size": 16, "cache_dir": str(cache), "progress": False},
+    }
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_print_config_of_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        fit_main(["--config", str(REPO / "configs" / "toy.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["backbone"] == "rsc/toy/world/sd"
+    assert printed["data"]["dataset"] == "rsc/toy/world/preferences"
+
+
+def test_environment_overrides(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("RSC_FIT_MODEL__BACKBONE", "some/backbone")
+    monkeypatch.setenv("RSC_FIT_MODEL__LEARNING_RATE", "0.123")
+    with pytest.raises(SystemExit):
+        fit_main(["--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["learning_rate"] == 0.123 and printed["model"]["backbone"] == "some/backbone"
+    # A config file (or a flag) takes precedence over the environment, as in jsonargparse.
+    with pytest.raises(SystemExit):
+        fit_main(["--config", str(REPO / "configs" / "toy.yaml"), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["learning_rate"] == 5e-4
+
+
+def test_fit_checkpoints_the_refiner_only_and_exports_it(micro_world, tmp_path: Path) -> None:  # noqa: ANN001
+    run = tmp_path / "run"
+    fit_main(["--config", str(_config(micro_world, run, tmp_path / "cache", max_epochs=2))])
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["state_dict"] and all(key.startswith("refiner.") for key in checkpoint["state_dict"])
+    assert checkpoint["hyper_parameters"]["backbone"] == str(micro_world.sd_path)
+    exported = load_file(run / "refiner" / "refiner.safetensors")
+    for key, value in exported.items():
+        assert torch.equal(value, checkpoint["state_dict"][f"refiner.{key}"])
+    assert exported["conv_out.weight"].abs().sum() > 0, "training must move the zero-initialised output layer"
+    config = yaml.safe_load((run / "refiner" / "config.json").read_text())
+    assert config["correction_window"] == [0.0, 0.5] and config["backbone"] == str(micro_world.sd_path)
+    assert (run / "efficacy.json").is_file() and (run / "efficacy.png").is_file()
+    assert (run / "metrics.csv").read_text().count("train/loss") >= 1
+
+
+def test_killed_run_resumes_to_the_same_refiner(micro_world, tmp_path: Path) -> None:  # noqa: ANN001
+    cache = tmp_path / "cache"
+    fit_main(["--config", str(_config(micro_world, tmp_path / "full", cache, max_epochs=4))])
+    interrupted = _config(micro_world, tmp_path / "resumed", cache, max_epochs=2)
+    fit_main(["--config", str(interrupted)])
+    fit_main(["--config", str(interrupted), "--trainer.max_epochs", "4", "--ckpt_path", "last"])
+    full = load_file(tmp_path / "full" / "refiner" / "refiner.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "refiner" / "refiner.safetensors")
+    assert set(full) == set(resumed)
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    ends = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+            for run in ("full", "resumed")]
+    assert ends[0]["global_step"] == ends[1]["global_step"] > 0
+    assert ends[0]["epoch"] == ends[1]["epoch"]
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(micro_world, tmp_path: Path) -> None:  # noqa: ANN001
+    run = tmp_path / "ddp"
+    config = _config(micro_world, run, tmp_path / "cache", max_epochs=1, devices=2)
+    environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "rsc.fit", "--config", str(config), "--trainer.strategy", "ddp"],
+        cwd=REPO, env=environment, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["last.ckpt"]
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert all(key.startswith("refiner.") for key in checkpoint["state_dict"])
+    assert checkpoint["global_step"] >= 1

@@ -1,0 +1,141 @@
+"""The latent refiner and the preference loss."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from rsc.backbone import FrozenLDM
+from rsc.losses import PreferenceLoss, per_sample_error
+from rsc.random_models import sd15_unet_config
+from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection
+from rsc.sampling import correction_step_indices, make_scheduler, window_timestep_range
+
+
+def _small_refiner(seed: int = 0) -> LatentRefiner:
+    torch.manual_seed(seed)
+    return LatentRefiner(RefinerConfig(text_embedding_dim=32, hidden_channels=16, num_blocks=2, embedding_dim=32, norm_groups=4))
+
+
+def test_untrained_refiner_is_the_identity_correction() -> None:
+    refiner = _small_refiner()
+    latents, text = torch.randn(3, 4, 8, 8), torch.randn(3, 7, 32)
+    assert torch.equal(refiner(latents, torch.tensor([1, 500, 999]), text), torch.zeros_like(latents))
+    correction = RefinerCorrection(refiner, strength=3.0)
+    assert torch.equal(correction(latents, torch.tensor([5, 5, 5]), text), latents)
+
+
+def test_refiner_depends_on_timestep_and_prompt_once_trained() -> None:
+    refiner = _small_refiner()
+    torch.nn.init.normal_(refiner.conv_out.weight, std=0.1)
+    latents, text = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32)
+    base = refiner(latents, torch.tensor([100, 100]), text)
+    assert (refiner(latents, torch.tensor([900, 900]), text) - base).abs().max() > 1e-4
+    assert (refiner(latents, torch.tensor([100, 100]), text.flip(0)) - base).abs().max() > 1e-4
+    assert (refiner(latents, torch.tensor(100), text) - base).abs().max() == 0  # scalar t broadcasts
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    refiner = _small_refiner()
+    torch.nn.init.normal_(refiner.conv_out.weight, std=0.1)
+    refiner.save_pretrained(tmp_path, extra_config={"strength": 0.5})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "refiner.safetensors"]
+    loaded = LatentRefiner.from_pretrained(tmp_path)
+    assert loaded.config == refiner.config
+    args = (torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 32))
+    torch.testing.assert_close(loaded(*args), refiner(*args), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="refiner.safetensors"):
+        LatentRefiner.from_pretrained(tmp_path / "missing")
+
+
+def test_refiner_is_below_three_percent_of_sd15_unet() -> None:
+    with torch.device("meta"):
+        unet_parameters = sum(p.numel() for p in UNet2DConditionModel(**sd15_unet_config()).parameters())
+    refiner_parameters = LatentRefiner(RefinerConfig()).num_parameters()  # SD 1.x defaults
+    assert unet_parameters > 850_000_000
+    assert refiner_parameters / unet_parameters < 0.03
+
+
+def test_bad_shapes_and_configs() -> None:
+    refiner = _small_refiner()
+    with pytest.raises(ValueError, match=r"latents must be \(B, 4, h, w\)"):
+        refiner(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), torch.randn(2, 5, 32))
+    with pytest.raises(ValueError, match=r"text_embeddings must be \(B, L, 32\)"):
+        refiner(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match="divisible by norm_groups"):
+        RefinerConfig(hidden_channels=30, norm_groups=8)
+
+
+def test_loss_against_hand_computed_value() -> None:
+    loss_fn = PreferenceLoss(beta=10.0, lambda_reg=0.5, lambda_sft=0.25)
+    policy_w, reference_w = torch.tensor([0.2, 0.5]), torch.tensor([0.3, 0.4])
+    policy_l, reference_l = torch.tensor([0.6, 0.1]), torch.tensor([0.4, 0.3])
+    delta = torch.tensor([[1.0, -1.0], [2.0, 0.0]])
+    out = loss_fn(policy_w, reference_w, policy_l, reference_l, delta)
+    margins = [(0.2 - 0.3) - (0.6 - 0.4), (0.5 - 0.4) - (0.1 - 0.3)]  # -0.3, 0.3
+    per_pair = [-math.log(1 / (1 + math.exp(-(-5.0 * m)))) for m in margins]
+    expected_pref = sum(per_pair) / 2  # the mean of per-pair log-sigmoids, not the log-sigmoid of the mean
+    assert expected_pref != pytest.approx(-math.log(1 / (1 + math.exp(5.0 * sum(margins) / 2))))
+    assert out.preference_loss.item() == pytest.approx(expected_pref, rel=1e-6)
+    assert out.loss.item() == pytest.approx(expected_pref + 0.5 * (1 + 1 + 4 + 0) / 4 + 0.25 * 0.35, rel=1e-6)
+    torch.testing.assert_close(out.margin, torch.tensor(margins))
+    assert out.accuracy.item() == 0.5
+    assert out.winner_gap.item() == pytest.approx(0.0, abs=1e-7) and out.loser_gap.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_swapping_winner_and_loser_flips_the_margin() -> None:
+    loss_fn = PreferenceLoss(beta=3.0)
+    errors = [torch.rand(5, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    delta = torch.zeros(5, 4)
+    forward = loss_fn(errors[0], errors[1], errors[2], errors[3], delta)
+    swapped = loss_fn(errors[2], errors[3], errors[0], errors[1], delta)
+    torch.testing.assert_close(swapped.margin, -forward.margin)
+    assert forward.accuracy + swapped.accuracy == pytest.approx(1.0)
+
+
+def test_gradient_pushes_the_preferred_policy_error_down() -> None:
+    loss_fn = PreferenceLoss(beta=5.0, lambda_reg=0.0)
+    policy_w = torch.tensor([0.4, 0.7], requires_grad=True)
+    policy_l = torch.tensor([0.5, 0.2], requires_grad=True)
+    out = loss_fn(policy_w, torch.tensor([0.4, 0.6]), policy_l, torch.tensor([0.5, 0.3]), torch.zeros(2))
+    out.loss.backward()
+    assert (policy_w.grad > 0).all()  # gradient descent lowers the winner's error ...
+    assert (policy_l.grad < 0).all()  # ... and raises the loser's
+
+
+def test_zero_refiner_gives_log_two(tiny_sd_dir: Path) -> None:
+    from rsc.module import RSCorrector
+
+    module = RSCorrector(str(tiny_sd_dir), hidden_channels=16, num_blocks=1, embedding_dim=16, norm_groups=4,
+                         lambda_reg=0.3)
+    batch = {
+        "anti_stereotypical_latents": torch.randn(3, 4, 16, 16),
+        "stereotypical_latents": torch.randn(3, 4, 16, 16),
+        "prompt_embeds": torch.randn(3, 77, 32),
+    }
+    output, delta = module.pair_step(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(delta, torch.zeros_like(delta))
+    assert output.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert output.winner_gap.item() == 0.0 and output.loser_gap.item() == 0.0
+
+
+def test_per_sample_error() -> None:
+    target, prediction = torch.zeros(2, 1, 2, 2), torch.tensor([[[[1.0, 1.0], [1.0, 1.0]]], [[[2.0, 0.0], [0.0, 0.0]]]])
+    torch.testing.assert_close(per_sample_error(target, prediction), torch.tensor([1.0, 1.0]))
+
+
+def test_training_timesteps_match_the_corrected_sampling_steps(tiny_sd_dir: Path) -> None:
+    scheduler = make_scheduler(FrozenLDM.from_pretrained(tiny_sd_dir).scheduler)
+    for window in [(0.0, 0.5), (0.0, 0.3), (0.2, 0.8), (0.5, 1.0)]:
+        low, high = window_timestep_range(window, 1000)
+        for steps in (10, 20, 50):
+            scheduler.set_timesteps(steps)
+            corrected = [int(scheduler.timesteps[i]) for i in correction_step_indices(steps, window)]
+            assert corrected and all(low - 20 <= t < high + 20 for t in corrected), (window, steps, corrected, low, high)
+    assert window_timestep_range((0.0, 1.0)) == (0, 1000)
+    with pytest.raises(ValueError):
+        window_timestep_range((0.5, 0.5))
