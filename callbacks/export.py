@@ -23,9 +23,10 @@ class ExportRefiner(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Write the refiner on the global-zero process."""
+        # trainer.log_dir broadcasts under DDP: every rank must ask for it.
+        root = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "refiner")
         if not trainer.is_global_zero:
             return
-        root = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "refiner")
         pl_module.refiner.save_pretrained(root, extra_config=pl_module.export_config())
         self.exported_to = Path(root)
         print(f"refiner exported to {root}")

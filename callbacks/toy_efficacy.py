@@ -45,6 +45,8 @@ class ToyEfficacyReport(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Sample, measure, print and save (global-zero process only)."""
+        # trainer.log_dir broadcasts under DDP: every rank must ask for it.
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
             return
         from rsc.images import labelled_grid
@@ -75,7 +77,6 @@ class ToyEfficacyReport(Callback):
         self.report["sampling"] = {k: v for k, v in kwargs.items() if k != "batch_size"}
         print("\nToy efficacy (same prompts and seeds; before -> after the correction):")
         print(format_efficacy(self.report))
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         write_json_atomic(out_dir / "efficacy.json", self.report)
         rows, labels = [], []
         for index, group in enumerate(GROUPS):
