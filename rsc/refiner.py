@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rsc.atomic import atomic_path, write_json_atomic
+from rsc.config import IntegerConfig
 
 WEIGHTS_NAME = "refiner.safetensors"
 CONFIG_NAME = "config.json"
 
 
 @dataclass
-class RefinerConfig:
+class RefinerConfig(IntegerConfig):
     """Architecture of a :class:`LatentRefiner`.
 
     Attributes:
@@ -47,27 +48,11 @@ class RefinerConfig:
     norm_groups: int = 32
 
     def __post_init__(self) -> None:
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"RefinerConfig.{item.name} must be a positive integer, got {value!r}")
+        self.check_positive_integers()
         if self.hidden_channels % self.norm_groups:
             raise ValueError(
                 f"RefinerConfig.hidden_channels ({self.hidden_channels}) must be divisible by norm_groups ({self.norm_groups})"
             )
-
-    def to_dict(self) -> dict[str, int]:
-        """A JSON-serialisable dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RefinerConfig:
-        """Build from a dict, rejecting unknown keys."""
-        known = {item.name for item in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown RefinerConfig keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**values)
 
 
 class _FiLMResBlock(nn.Module):

@@ -19,7 +19,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rsc.atomic import atomic_path, write_json_atomic
+from rsc.config import IntegerConfig
 from rsc.images import uint8_to_tensor
 from rsc.toy.faces import GENDERS, GROUPS, random_attributes, render_faces
 
@@ -48,7 +49,7 @@ HEADS: tuple[str, ...] = ("group", "gender", "stereotype")
 
 
 @dataclass
-class ToyClassifierConfig:
+class ToyClassifierConfig(IntegerConfig):
     """Configuration of :class:`ToyAttributeClassifier`.
 
     Attributes:
@@ -64,29 +65,13 @@ class ToyClassifierConfig:
     image_size: int = 64
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ToyClassifierConfig.{f.name} must be a positive integer, got {value!r}")
+        self.check_positive_integers()
         if self.num_genders < 2 or self.num_groups < 2:
             raise ValueError(
                 f"num_groups and num_genders must be >= 2, got {self.num_groups} and {self.num_genders}"
             )
         if self.image_size % 16:
             raise ValueError(f"image_size must be a multiple of 16 (four 2x poolings), got {self.image_size}")
-
-    def to_dict(self) -> dict[str, int]:
-        """Return the configuration as a plain JSON-serialisable dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, object]) -> ToyClassifierConfig:
-        """Build a configuration from a dict; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ToyClassifierConfig keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**d)  # type: ignore[arg-type]
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
