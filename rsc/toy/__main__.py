@@ -13,14 +13,14 @@ import sys
 from pathlib import Path
 
 from rsc.cache import cache_root
-from rsc.toy.world import ToyWorldConfig, build_toy_world, get_toy_world, load_toy_world
+from rsc.toy.world import ToyWorld, ToyWorldConfig, build_toy_world, get_toy_world, load_toy_world
 
 
 def _config(args: argparse.Namespace) -> ToyWorldConfig:
     return ToyWorldConfig.micro(args.seed) if args.micro else ToyWorldConfig.full(args.seed)
 
 
-def _world(args: argparse.Namespace):  # noqa: ANN202 - ToyWorld
+def _world(args: argparse.Namespace) -> ToyWorld:
     if args.world:
         return load_toy_world(args.world)
     return get_toy_world(_config(args))
@@ -67,15 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         _print_summary(world.manifest)
         return 0
-    from rsc.toy.evaluate import sample_toy_prompts
-    from rsc.toy.world import _save_grid
+    from rsc.toy.evaluate import sample_toy_prompts, save_prompt_grid
 
     config = world.manifest["config"]
     samples = sample_toy_prompts(
         world.load_backbone(), world.load_classifier(), args.per_prompt, first_seed=args.first_seed,
         steps=config["sampling_steps"], guidance_scale=config["guidance_scale"],
     )
-    _save_grid(samples, args.out, per_prompt=args.per_prompt)
+    save_prompt_grid(samples, args.out, per_prompt=args.per_prompt)
     print(f"saved {args.out}")
     return 0
 

@@ -8,6 +8,7 @@ uncorrected and corrected numbers come from identical seeds.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from rsc.backbone import FrozenLDM
-from rsc.images import unit_tensor_to_uint8
+from rsc.images import labelled_grid, unit_tensor_to_uint8
 from rsc.sampling import CorrectionFn
 from rsc.toy.classifier import ToyAttributeClassifier
 from rsc.toy.data import toy_prompts
@@ -95,6 +96,16 @@ def sample_toy_prompts(
         predicted_genders=predictions["gender"],
         stereotype_probs=predictions["stereotype"],
     )
+
+
+def save_prompt_grid(samples: ToySamples, path: str | os.PathLike[str], per_prompt: int) -> None:
+    """Save a labelled grid: one row per toy prompt, its first ``per_prompt`` samples."""
+    rows, labels = [], []
+    for prompt, _, _ in toy_prompts():
+        indices = [i for i, p in enumerate(samples.prompts) if p == prompt][:per_prompt]
+        rows.append(samples.images[indices])
+        labels.append(prompt.removeprefix("a photo of a "))
+    labelled_grid(rows, labels).save(path)
 
 
 def _rates(samples: ToySamples, mask: np.ndarray) -> dict[str, float]:

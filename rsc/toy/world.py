@@ -37,7 +37,7 @@ from rsc.images import uint8_to_tensor
 from rsc.tokenizer import build_clip_tokenizer
 from rsc.toy.classifier import ToyAttributeClassifier, train_toy_classifier
 from rsc.toy.data import BiasSpec, make_biased_dataset, toy_prompts
-from rsc.toy.evaluate import ToySamples, format_statistics, sample_toy_prompts, toy_statistics
+from rsc.toy.evaluate import ToySamples, sample_toy_prompts, save_prompt_grid, toy_statistics
 from rsc.toy.preferences import build_preference_pairs
 from rsc.toy.train_sd import (
     UNetTrainingConfig,
@@ -282,7 +282,7 @@ def build_toy_world(
     def evaluation_stage() -> None:
         samples = _sample(work, config, config.eval_samples_per_prompt, first_seed=0, progress=progress)
         write_json_atomic(work / "statistics.json", toy_statistics(samples))
-        _save_grid(samples, work / "samples.png", per_prompt=8)
+        save_prompt_grid(samples, work / "samples.png", per_prompt=8)
 
     def preference_stage() -> None:
         # Seeds disjoint from the evaluation seeds, so measured efficacy is not on training pairs.
@@ -330,17 +330,6 @@ def _sample(work: Path, config: ToyWorldConfig, per_prompt: int, first_seed: int
         guidance_scale=config.guidance_scale,
         progress=progress,
     )
-
-
-def _save_grid(samples: ToySamples, path: Path, per_prompt: int) -> None:
-    from rsc.images import labelled_grid
-
-    rows, labels = [], []
-    for prompt, _, _ in toy_prompts():
-        indices = [i for i, p in enumerate(samples.prompts) if p == prompt][:per_prompt]
-        rows.append(samples.images[indices])
-        labels.append(prompt.removeprefix("a photo of a "))
-    labelled_grid(rows, labels).save(path)
 
 
 def _write_manifest(
