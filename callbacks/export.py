@@ -1,16 +1,25 @@
-"""Export the trained refiner at the end of fit (safetensors + JSON, ``LatentRefiner.save_pretrained``)."""
+"""Export the trained refiner at the end of fit, in the format of ``python -m rsc.export`` (:mod:`rsc.export`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from rsc.export import BackboneConfigs, ExportInfo, export_refiner
+
+
+def training_data_identity(trainer: L.Trainer) -> dict[str, Any] | None:
+    """``{"dataset": ...}`` from the fitted datamodule's hyper-parameters, if it records one."""
+    dataset = getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("dataset")
+    return None if dataset is None else {"dataset": str(dataset)}
+
 
 class ExportRefiner(Callback):
-    """Save the refiner with its correction window, strength and backbone to ``<log dir>/refiner`` when fit ends.
+    """Export the refiner to ``<log dir>/refiner`` when fit ends (``refiner.safetensors``, ``config.json``, ``README.md``).
 
     Args:
         dirpath: Destination folder; default ``refiner/`` in the trainer's log directory.
@@ -22,11 +31,16 @@ class ExportRefiner(Callback):
         self.exported_to: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Write the refiner on the global-zero process."""
+        """Write the export on the global-zero process."""
         # trainer.log_dir broadcasts under DDP: every rank must ask for it.
         root = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "refiner")
         if not trainer.is_global_zero:
             return
-        pl_module.refiner.save_pretrained(root, extra_config=pl_module.export_config())
-        self.exported_to = Path(root)
+        ldm = pl_module.ldm
+        info = ExportInfo.from_training(
+            {**pl_module.hparams, **pl_module.export_config()},
+            BackboneConfigs.from_components(ldm.unet, ldm.text_encoder, ldm.scheduler),
+            training_data_identity(trainer),
+        )
+        self.exported_to = export_refiner(pl_module.refiner, root, info)
         print(f"refiner exported to {root}")
