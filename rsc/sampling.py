@@ -92,6 +92,22 @@ def make_scheduler(reference: SchedulerMixin, scheduler: SchedulerMixin | str | 
     return type(scheduler).from_config(scheduler.config)
 
 
+def correct_latents(
+    scheduler: SchedulerMixin, correction: CorrectionFn, latents: Tensor, timestep: Tensor, cond: Tensor
+) -> Tensor:
+    """Apply ``correction`` to a scheduler's latents at ``timestep``, in the DDPM form a refiner is trained on.
+
+    Schedulers such as Euler keep a rescaled latent and expose the conversion
+    to the DDPM parameterisation as ``scale_model_input``; the correction sees
+    ``latents * scale`` and its result is scaled back. Call it right before the
+    step's own ``scale_model_input`` (it reads the scheduler's current step).
+    Shared by :func:`sample` and the diffusers frontend, so both compute the same numbers.
+    """
+    scale = scheduler.scale_model_input(torch.ones((), device=latents.device, dtype=latents.dtype), timestep)
+    batch_t = timestep.expand(latents.shape[0]).to(latents.device)
+    return correction(latents * scale, batch_t, cond) / scale
+
+
 def _step_kwargs(scheduler: SchedulerMixin, generators: list[torch.Generator], eta: float) -> dict[str, Any]:
     accepted = set(inspect.signature(scheduler.step).parameters)
     kwargs: dict[str, Any] = {}
@@ -179,11 +195,7 @@ def sample(
 
         for index, t in enumerate(run_scheduler.timesteps):
             if index in corrected:
-                # The refiner works on DDPM-form latents; schedulers such as Euler keep a
-                # rescaled latent and expose the conversion as scale_model_input.
-                scale = run_scheduler.scale_model_input(torch.ones((), device=device, dtype=latents.dtype), t)
-                batch_t = t.expand(latents.shape[0]).to(device)
-                latents = correction(latents * scale, batch_t, embeddings.cond) / scale
+                latents = correct_latents(run_scheduler, correction, latents, t, embeddings.cond)
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             model_input = run_scheduler.scale_model_input(model_input, t)
             noise_pred = ldm.unet(model_input, t, encoder_hidden_states=unet_embeddings, return_dict=False)[0]

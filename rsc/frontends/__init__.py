@@ -1,0 +1,1 @@
+"""Frontends: use an exported refiner outside rsc's own sampler (plain diffusers pipelines, ...)."""
