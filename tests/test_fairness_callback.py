@@ -1,0 +1,141 @@
+"""FairnessValidation on the toy world: its numbers equal the toy efficacy report's for the same refiner and seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader
+
+from callbacks.fairness import FairnessValidation, ValidationPrompt
+from rsc.classifiers import ToyClassifier
+from rsc.module import RSCorrector
+from rsc.toy.data import toy_prompts
+from rsc.toy.evaluate import efficacy_report, sample_toy_prompts
+from rsc.toy.faces import GROUPS
+from rsc.toy.world import SHIPPED_WORLD_DIR, load_toy_world
+
+SEEDS, STEPS, GUIDANCE = 4, 10, 7.0
+
+
+@pytest.fixture(scope="module")
+def world():  # noqa: ANN201
+    return load_toy_world(SHIPPED_WORLD_DIR)
+
+
+@pytest.fixture(scope="module")
+def module(world) -> RSCorrector:  # noqa: ANN001
+    module = RSCorrector(backbone=str(world.sd_path), hidden_channels=16, num_blocks=1, embedding_dim=16,
+                         norm_groups=4, correction_window=(0.0, 0.5), strength=1.0)
+    # A refiner that visibly changes the samples (a trained one's output layer is no longer zero).
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in (module.refiner.conv_out.weight, module.refiner.conv_out.bias):
+            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+    return module
+
+
+def _validation_batches(module: RSCorrector) -> DataLoader:
+    """One batch in the preference datamodule's format, so the module's own validation_step runs."""
+    generator = torch.Generator().manual_seed(1)
+    cond = module.ldm.encode_prompt(["a photo of a belor woman"] * 2, do_classifier_free_guidance=False).cond
+    shape = (2, module.ldm.latent_channels, 16, 16)
+    batch = {"anti_stereotypical_latents": torch.randn(shape, generator=generator),
+             "stereotypical_latents": torch.randn(shape, generator=generator),
+             "prompt_embeds": cond, "index": torch.tensor([0, 1])}
+    return DataLoader([batch], batch_size=None)
+
+
+def _toy_callback(world, **overrides) -> FairnessValidation:  # noqa: ANN001
+    prompts = [ValidationPrompt(prompt, group=group, gender=gender) for prompt, group, gender in toy_prompts()]
+    kwargs = dict(classifier=ToyClassifier(world.classifier_path), prompts=prompts, seeds=SEEDS, steps=STEPS,
+                  guidance_scale=GUIDANCE, batch_size=64, lpips_backbone_weights=None, grid_images_per_group=4)
+    return FairnessValidation(**{**kwargs, **overrides})
+
+
+def test_callback_numbers_equal_the_toy_efficacy_report(world, module: RSCorrector, tmp_path: Path) -> None:  # noqa: ANN001
+    callback = _toy_callback(world)
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=logger, callbacks=[callback], enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    batches = _validation_batches(module)
+    trainer.validate(module, dataloaders=batches, verbose=False)
+    first, first_timing = dict(callback.last_values), dict(callback.last_timing)
+
+    classifier = world.load_classifier()
+    kwargs = dict(samples_per_prompt=SEEDS, steps=STEPS, guidance_scale=GUIDANCE, progress=False)
+    uncorrected = sample_toy_prompts(module.ldm, classifier, **kwargs)
+    corrected = sample_toy_prompts(module.ldm, classifier, correction=module.correction(),
+                                   correction_window=tuple(module.hparams.correction_window), **kwargs)
+    report = efficacy_report(uncorrected, corrected, world.targeted_groups)
+    for group, row in report["per_group"].items():
+        for metric in ("stereotype_rate", "gender_consistency", "group_match"):
+            before, after = row[metric]
+            assert first[f"val/{metric}_uncorrected/{group}"] == pytest.approx(before, abs=1e-12), (metric, group)
+            assert first[f"val/{metric}/{group}"] == pytest.approx(after, abs=1e-12), (metric, group)
+        assert first[f"val/ssim/{group}"] == pytest.approx(row["ssim"], abs=1e-5), group
+    # The refiner really changed the images and the classifier's verdicts, so equality is not trivial.
+    changed = [(g, m) for g in GROUPS for m in ("stereotype_rate", "gender_consistency")
+               if first[f"val/{m}/{g}"] != first[f"val/{m}_uncorrected/{g}"]]
+    assert changed, "the test refiner must change some verdicts"
+    assert max(first[f"val/ssim/{g}"] for g in GROUPS) < 0.99
+    # Pooled and gap summaries follow from the per-group values (equal group sizes here).
+    rates = [first[f"val/stereotype_rate/{g}"] for g in GROUPS]
+    assert first["val/stereotype_rate/all"] == pytest.approx(np.mean(rates))
+    assert first["val/stereotype_rate/gap"] == pytest.approx(max(rates) - min(rates))
+
+    # Logged through Lightning, grid saved and sent to TensorBoard.
+    assert float(trainer.callback_metrics["val/gender_consistency/belor"]) == pytest.approx(first["val/gender_consistency/belor"])
+    grids = sorted((tmp_path / "fairness").glob("*.png"))
+    assert len(grids) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    events.Reload()
+    assert "val/fairness_grid" in events.Tags()["images"]
+
+    # Second run: the cached uncorrected baseline is reused (not resampled) and nothing changes.
+    trainer.validate(module, dataloaders=batches, verbose=False)
+    assert "uncorrected_s" in first_timing and "uncorrected_s" not in callback.last_timing
+    assert callback.last_values == first
+
+
+def test_every_n_validation_epochs_and_config_errors(world) -> None:  # noqa: ANN001
+    callback = _toy_callback(world, every_n_val_epochs=3)
+    calls: list[int] = []
+    callback.run = lambda trainer, module: calls.append(callback._validation_runs) or {}  # type: ignore[method-assign]
+
+    class _Trainer:
+        sanity_checking = False
+
+    class _Module:
+        def log_dict(self, values: dict, sync_dist: bool) -> None:
+            pass
+
+    for _ in range(7):
+        callback.on_validation_epoch_end(_Trainer(), _Module())  # type: ignore[arg-type]
+    assert calls == [3, 6]
+
+    with pytest.raises(ValueError, match=r"prompts\[0\].group='elf'"):
+        _toy_callback(world, prompts=[ValidationPrompt("a photo of an elf", group="elf")])
+    with pytest.raises(ValueError, match="gender_attribute='sex' is not an attribute of ToyClassifier"):
+        _toy_callback(world, gender_attribute="sex")
+
+
+def test_shards_cover_every_item_once(world) -> None:  # noqa: ANN001
+    callback = _toy_callback(world, prompts=[ValidationPrompt("a photo of a woman", gender="woman", name="woman"),
+                                             *(ValidationPrompt(p, group=g, gender=s) for p, g, s in toy_prompts()[:2])],
+                             seeds=[5, 6, 7])
+    single = callback._shard(0, 1)
+    items = set(zip(single.prompts, single.seeds))
+    assert len(items) == 9
+    for world_size in (2, 4, 16):
+        shards = [callback._shard(rank, world_size) for rank in range(world_size)]
+        pairs = [pair for shard in shards for pair in zip(shard.prompts, shard.seeds)]
+        assert sorted(pairs) == sorted(items)  # no duplicates, nothing missing, no padding
+    assert single.neutral_ids.tolist() == [0, 0, 0, -1, -1, -1, -1, -1, -1]
+    assert single.group_ids.tolist() == [-1, -1, -1, 0, 0, 0, 0, 0, 0]
