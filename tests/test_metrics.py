@@ -11,17 +11,7 @@ import torchvision
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from callbacks.metrics import (
-    AestheticScore,
-    AttributeConsistency,
-    DistributionFairness,
-    FaceDetection,
-    LPIPSPreservation,
-    PromptFidelity,
-    SSIMPreservation,
-    StereotypeRate,
-    find_local_lpips_backbone,
-)
+from callbacks import metrics as m
 from rsc.classifiers.clip import CLIPEncoder, save_random_clip
 
 GROUPS = ("ardan", "belor", "cyran")
@@ -43,7 +33,7 @@ def _assert_values(result: dict[str, torch.Tensor], expected: dict[str, float]) 
 
 
 def test_attribute_consistency_counts_matches_per_group() -> None:
-    metric = AttributeConsistency(GROUPS, name="gender_consistency")
+    metric = m.AttributeConsistency(GROUPS, name="gender_consistency")
     probabilities = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.1, 0.9], [0.8, 0.2], [0.4, 0.6]])
     targets = torch.tensor([0, 0, 0, 1, -1, 1, 1])  # image 4's prompt names no gender
     groups = torch.tensor([0, 0, 0, 1, 1, 1, -1])  # image 6's prompt names no group
@@ -61,7 +51,7 @@ def test_attribute_consistency_counts_matches_per_group() -> None:
 
 
 def test_stereotype_rate_thresholds_probabilities() -> None:
-    metric = StereotypeRate(GROUPS, threshold=0.5)
+    metric = m.StereotypeRate(GROUPS, threshold=0.5)
     metric.update(torch.tensor([0.9, 0.5, 0.51, 0.1, 0.7, 0.2]), torch.tensor([0, 0, 1, 1, 2, 2]))
     metric.update(torch.tensor([0.95]), torch.tensor([0]))
     # 0.5 is not above the threshold: ardan 2/3, belor 1/2, cyran 1/2.
@@ -74,7 +64,7 @@ def test_stereotype_rate_thresholds_probabilities() -> None:
 
 
 def test_face_detection_rate_and_confidence() -> None:
-    metric = FaceDetection(GROUPS)
+    metric = m.FaceDetection(GROUPS)
     found = torch.tensor([True, False, True, True, False, False])
     confidence = torch.tensor([0.99, 0.0, 0.91, 0.95, 0.0, 0.0], dtype=torch.float64)
     metric.update(found, confidence, torch.tensor([0, 0, 1, 1, 2, -1]))
@@ -87,7 +77,7 @@ def test_face_detection_rate_and_confidence() -> None:
 
 
 def test_aesthetic_score_mean_and_gap() -> None:
-    metric = AestheticScore(GROUPS)
+    metric = m.AestheticScore(GROUPS)
     metric.update(torch.tensor([5.0, 6.0, 4.0, 7.5, 3.0]), torch.tensor([0, 0, 1, 2, 2]))
     _assert_values(metric.compute(), {
         "aesthetic/ardan": 5.5, "aesthetic/belor": 4.0, "aesthetic/cyran": 5.25,
@@ -96,7 +86,7 @@ def test_aesthetic_score_mean_and_gap() -> None:
 
 
 def test_distribution_fairness_kl_gap_and_low_confidence() -> None:
-    metric = DistributionFairness(["doctor", "nurse", "pilot"], num_classes=2, low_confidence=0.6)
+    metric = m.DistributionFairness(["doctor", "nurse", "pilot"], num_classes=2, low_confidence=0.6)
     probabilities = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.55, 0.45], [0.3, 0.7], [0.7, 0.3], [0.2, 0.8]])
     metric.update(probabilities, torch.tensor([0, 0, 0, 0, 1, 1]))
     # doctor: predicted [0, 0, 0, 1] -> f = (3/4, 1/4); KL = 3/4 ln(2 * 3/4) + 1/4 ln(2 * 1/4); one top prob < 0.6.
@@ -112,7 +102,7 @@ def test_distribution_fairness_kl_gap_and_low_confidence() -> None:
 
 
 def test_distribution_fairness_over_three_classes() -> None:
-    metric = DistributionFairness(["person"], num_classes=3)
+    metric = m.DistributionFairness(["person"], num_classes=3)
     metric.update(torch.eye(3)[[0, 0, 1, 0]], torch.zeros(4, dtype=torch.long))
     # f = (3/4, 1/4, 0): KL = 3/4 ln(9/4) + 1/4 ln(3/4); pairs |1/2|, |3/4|, |1/4| -> mean 1/2.
     values = _values(metric.compute())
@@ -131,7 +121,7 @@ def test_ssim_preservation_per_group_matches_per_image_ssim() -> None:
     uncorrected = torch.rand(4, 3, 32, 32, generator=generator)
     corrected = uncorrected.clone()
     corrected[2:] = (corrected[2:] + 0.3 * torch.rand(2, 3, 32, 32, generator=generator)).clamp(0, 1)
-    metric = SSIMPreservation(GROUPS)
+    metric = m.SSIMPreservation(GROUPS)
     metric.update(corrected, uncorrected, torch.tensor([0, 0, 1, 1]))
     values = _values(metric.compute())
     # Identical images have SSIM exactly 1; a changed group matches torchmetrics' batch SSIM of its images.
@@ -146,7 +136,7 @@ def test_lpips_preservation_loads_local_backbone_weights(tmp_path: Path, monkeyp
     torch.manual_seed(0)
     alexnet = torchvision.models.alexnet(weights=None)
     torch.save(alexnet.state_dict(), tmp_path / "alexnet.pth")
-    metric = LPIPSPreservation(GROUPS, backbone_weights=tmp_path / "alexnet.pth")
+    metric = m.LPIPSPreservation(GROUPS, backbone_weights=tmp_path / "alexnet.pth")
     # The backbone's first conv is the saved one (not torchvision's random init of this process).
     assert torch.equal(metric.net.net.slice1[0].weight, alexnet.features[0].weight)
     generator = torch.Generator().manual_seed(1)
@@ -159,19 +149,19 @@ def test_lpips_preservation_loads_local_backbone_weights(tmp_path: Path, monkeyp
     assert values["lpips/belor"] == pytest.approx(float(per_image.mean()), rel=1e-6) and values["lpips/belor"] > 0
     torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "partial.pth")
     with pytest.raises(ValueError, match=r"partial.pth.*lack \['features.0.bias'"):
-        LPIPSPreservation(GROUPS, backbone_weights=tmp_path / "partial.pth")
+        m.LPIPSPreservation(GROUPS, backbone_weights=tmp_path / "partial.pth")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
-    assert find_local_lpips_backbone("alex") is None
+    assert m.find_local_lpips_backbone("alex") is None
     cached = tmp_path / "empty_hub" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"")
-    assert find_local_lpips_backbone("alex") == cached
+    assert m.find_local_lpips_backbone("alex") == cached
 
 
 def test_prompt_fidelity_is_a_clip_score_per_group(tmp_path: Path) -> None:
     save_random_clip(tmp_path / "clip", seed=0)
     encoder = CLIPEncoder(tmp_path / "clip")
-    metric = PromptFidelity(encoder, GROUPS)
+    metric = m.PromptFidelity(encoder, GROUPS)
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     prompts = ["a photo of a cat", "a photo of a dog", "a red car", "a photo of a cat"]
     metric.update(images[:3], prompts[:3], torch.tensor([0, 0, 1]))

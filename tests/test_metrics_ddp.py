@@ -50,29 +50,20 @@ def metric_values(rank: int, world_size: int, clip_dir: str, lpips_weights: str)
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    from callbacks.metrics import (
-        AestheticScore,
-        AttributeConsistency,
-        DistributionFairness,
-        FaceDetection,
-        LPIPSPreservation,
-        PromptFidelity,
-        SSIMPreservation,
-        StereotypeRate,
-    )
+    from callbacks import metrics as m
     from rsc.classifiers.clip import CLIPEncoder
 
     encoder = CLIPEncoder(clip_dir)
     metrics = {
-        "group_match": AttributeConsistency(GROUPS, name="group_match"),
-        "gender_consistency": AttributeConsistency(GROUPS, name="gender_consistency"),
-        "stereotype_rate": StereotypeRate(GROUPS),
-        "faces": FaceDetection(GROUPS),
-        "distribution": DistributionFairness(PROMPTS, num_classes=3, low_confidence=0.4),
-        "aesthetic": AestheticScore(GROUPS),
-        "ssim": SSIMPreservation(GROUPS),
-        "lpips": LPIPSPreservation(GROUPS, backbone_weights=lpips_weights),
-        "clip_score": PromptFidelity(encoder, GROUPS),
+        "group_match": m.AttributeConsistency(GROUPS, name="group_match"),
+        "gender_consistency": m.AttributeConsistency(GROUPS, name="gender_consistency"),
+        "stereotype_rate": m.StereotypeRate(GROUPS),
+        "faces": m.FaceDetection(GROUPS),
+        "distribution": m.DistributionFairness(PROMPTS, num_classes=3, low_confidence=0.4),
+        "aesthetic": m.AestheticScore(GROUPS),
+        "ssim": m.SSIMPreservation(GROUPS),
+        "lpips": m.LPIPSPreservation(GROUPS, backbone_weights=lpips_weights),
+        "clip_score": m.PromptFidelity(encoder, GROUPS),
         "fid": FrechetInceptionDistance(feature=encoder, reset_real_features=False),
         "kid": KernelInceptionDistance(feature=encoder, reset_real_features=False, subsets=1, subset_size=NUM_IMAGES),
     }
