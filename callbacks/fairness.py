@@ -47,7 +47,7 @@ from callbacks.metrics import (
     find_local_lpips_backbone,
 )
 from rsc.classifiers.aesthetic import LaionAestheticPredictor
-from rsc.classifiers.base import AttributeClassifier
+from rsc.classifiers.base import AttributeClassifier, module_device
 from rsc.classifiers.clip import CLIPEncoder
 from rsc.classifiers.faces import MTCNNFaces
 from rsc.images import labelled_grid
@@ -303,7 +303,7 @@ class FairnessValidation(Callback):
         n = len(images)
         if n == 0:
             return _Analysis({name: torch.zeros(0, len(labels)) for name, labels in self.classifier.labels.items()},
-                             torch.zeros(0, dtype=torch.bool), torch.zeros(0), torch.zeros(0) if self.aesthetic else None)
+                             torch.zeros(0, dtype=torch.bool), torch.zeros(0), torch.zeros(0) if self.aesthetic is not None else None)
         with torch.no_grad():
             if self.faces is not None:
                 crops, detections = self.faces(images)
@@ -311,8 +311,9 @@ class FairnessValidation(Callback):
             else:
                 crops, found, confidence = images, torch.ones(n, dtype=torch.bool), torch.ones(n)
             probabilities = {k: v.cpu() for k, v in self.classifier.predict(crops, batch_size=self.batch_size).items()}
-            device = next(self.aesthetic.parameters()).device if self.aesthetic is not None else None
-            aesthetic = self.aesthetic(images.to(device)).cpu() if self.aesthetic is not None else None
+            aesthetic = None
+            if self.aesthetic is not None:
+                aesthetic = self.aesthetic(images.to(module_device(self.aesthetic))).cpu()
         return _Analysis(probabilities, found, confidence, aesthetic)
 
     def _make_metrics(self, device: torch.device) -> dict[str, Metric]:
@@ -379,6 +380,8 @@ class FairnessValidation(Callback):
         self, metrics: dict[str, Metric], shard: _Shard, images: Tensor, analysis: _Analysis, baseline: Tensor | None
     ) -> None:
         """Feed one variant's images; ``baseline`` (the uncorrected images) marks the corrected variant."""
+        if len(images) == 0:  # a rank without items still takes part in compute()
+            return
         probabilities, found, group_ids = analysis.probabilities, analysis.found, shard.group_ids
         suffix = "" if baseline is not None else "_uncorrected"
         metrics["group_match"].update(probabilities[self.group_attribute], group_ids, group_ids, found)

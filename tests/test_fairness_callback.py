@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -33,8 +34,8 @@ TOY_CALLBACK_YAML = """
     prompts:
 """ + "".join(
     f"      - {{prompt: {prompt}, group: {group}, gender: {gender}}}\n" for prompt, group, gender in toy_prompts()
-) + """    seeds: 16
-    every_n_val_epochs: 1
+) + """    seeds: 8
+    every_n_val_epochs: 2
     steps: 20
     guidance_scale: 7.0
     batch_size: 64
@@ -175,6 +176,45 @@ def test_the_toy_yaml_block_builds_the_callback(tmp_path: Path, monkeypatch: pyt
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     cli = RSCLightningCLI(RSCorrector, PreferenceDataModule, run=False, args=["--config", str(tmp_path / "config.yaml")])
     [callback] = [c for c in cli.trainer.callbacks if isinstance(c, FairnessValidation)]
-    assert isinstance(callback.classifier, ToyClassifier) and callback.seeds == list(range(16))
+    assert isinstance(callback.classifier, ToyClassifier) and callback.seeds == list(range(8)) and callback.every_n_val_epochs == 2
     assert [(p.prompt, p.group, p.gender) for p in callback.prompts] == toy_prompts()
     assert callback.groups == GROUPS and callback.neutral == []
+
+
+def test_every_optional_metric_runs_and_faceless_images_are_counted(world, module: RSCorrector, tmp_path: Path) -> None:  # noqa: ANN001
+    from PIL import Image
+
+    from rsc.classifiers import LaionAestheticPredictor, MTCNNFaces
+    from rsc.classifiers.clip import save_random_clip
+
+    save_random_clip(tmp_path / "clip", seed=0)
+    torch.manual_seed(0)
+    torch.save(torch.nn.Linear(32, 1).state_dict(), tmp_path / "head.pth")
+    (tmp_path / "reference").mkdir()
+    for index in range(4):
+        Image.fromarray(np.full((64, 64, 3), 40 * index, dtype=np.uint8)).save(tmp_path / "reference" / f"{index}.png")
+    prompts = [ValidationPrompt(p, group=g, gender=s) for p, g, s in toy_prompts()[:4]]
+    prompts.append(ValidationPrompt("a photo of a person", name="person"))
+    callback = _toy_callback(
+        world, prompts=prompts, seeds=2, steps=2, faces=MTCNNFaces(min_face_size=12, crop_size=64),
+        aesthetic=LaionAestheticPredictor(tmp_path / "clip", tmp_path / "head.pth"), clip_model=str(tmp_path / "clip"),
+        fid_reference=str(tmp_path / "reference"), kid_subset_size=4,
+    )
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[callback], enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.validate(module, dataloaders=_validation_batches(module), verbose=False)
+    values = callback.last_values
+    for key in ("val/clip_score/ardan", "val/aesthetic/belor", "val/face_detection_rate/all", "val/face_confidence/gap",
+                "val/kl_to_uniform/person", "val/fid", "val/kid", "val/fid_uncorrected", "val/kid_uncorrected",
+                "val/clip_score_uncorrected/all", "val/ssim/ardan"):
+        assert key in values, key
+    assert "val/ssim_uncorrected/ardan" not in values and "val/lpips/ardan" not in values
+    # 2-step toy samples hold no face MTCNN recognises: all 10 images are counted as faceless (rate 0, not NaN)
+    # and left out of the attribute metrics (NaN), not silently dropped from the denominators.
+    for variant in ("", "_uncorrected"):
+        assert values[f"val/face_detection_rate{variant}/all"] == 0.0
+        assert values[f"val/face_detection_rate{variant}/ardan"] == 0.0
+        for metric in ("group_match", "gender_consistency", "stereotype_rate", "low_confidence"):
+            key = f"val/{metric}{variant}/" + ("person" if metric == "low_confidence" else "all")
+            assert math.isnan(values[key]), key
+    assert values["val/clip_score/all"] >= 0 and math.isfinite(values["val/fid"])
