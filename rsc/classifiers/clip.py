@@ -84,18 +84,19 @@ class CLIPEncoder(nn.Module):
         return (images - self.mean) / self.std
 
     def encode_images(self, images: Tensor, normalize: bool = True) -> Tensor:
-        """Projected image embeddings (N, D), L2-normalised unless ``normalize=False``."""
-        features = _embedding(self.model.get_image_features(pixel_values=self.pixel_values(images).to(self.mean)))
+        """Projected float32 image embeddings (N, D), L2-normalised unless ``normalize=False``."""
+        pixels = self.pixel_values(images.to(self.mean)).to(self.model.dtype)
+        features = _embedding(self.model.get_image_features(pixel_values=pixels)).float()  # float32 for fp16 models too
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_texts(self, texts: Sequence[str], normalize: bool = True) -> Tensor:
-        """Projected text embeddings (N, D), L2-normalised unless ``normalize=False``; long texts are truncated."""
+        """Projected float32 text embeddings (N, D), L2-normalised unless ``normalize=False``; long texts are truncated."""
         tokens = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"
         ).to(self.mean.device)
         features = _embedding(
             self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        )
+        ).float()
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, images: Tensor) -> Tensor:
