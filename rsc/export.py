@@ -14,8 +14,8 @@ or fingerprint differ from the export's; ``allow_mismatch=True`` lets a
 deliberate transfer to a derivative of the same architecture through.
 
 This module imports only torch, safetensors, diffusers and the standard
-library at load time (transformers lazily, to read a text-encoder config from
-disk), so frontends can use it. ``python -m rsc.export --ckpt last.ckpt --out
+library at load time (transformers and :mod:`rsc.backbone` lazily, to read a
+backbone's configs from disk), so frontends can use it. ``python -m rsc.export --ckpt last.ckpt --out
 DIR`` reads a Lightning checkpoint with ``torch.load(weights_only=True)``; it
 does not need Lightning either.
 """

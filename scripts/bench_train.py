@@ -21,24 +21,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from benchmarking import interleaved_times
 from rsc.module import RSCorrector
 from rsc.random_models import RandomSDSpec, build_random_sd, sd15_unet_config
-
-
-def _time(function: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    function()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def bench(name: str, module: RSCorrector, pairs: int, latent: int, repeats: int) -> None:
@@ -73,12 +62,7 @@ def bench(name: str, module: RSCorrector, pairs: int, latent: int, repeats: int)
             ldm.unet_output(latents, timesteps, text)
 
     workloads = {"step": step, "unet_fb": unet_forward_backward, "unet_fb+ref": unet_forward_backward_and_reference}
-    for function in workloads.values():  # warm-up
-        function()
-    times: dict[str, list[float]] = {key: [] for key in workloads}
-    for _ in range(repeats):
-        for key, function in workloads.items():
-            times[key].append(_time(function, device))
+    times = interleaved_times(workloads, repeats, device)
     median = {key: statistics.median(values) for key, values in times.items()}
     print(
         f"{name:<28} pairs/s: step {pairs / median['step']:8.2f}  unet_fb {pairs / median['unet_fb']:8.2f}  "

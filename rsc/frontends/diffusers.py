@@ -122,17 +122,19 @@ class RefinerCallback(PipelineCallback):
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: Tensor | None = None,
+        clip_skip: int | None = None,
     ) -> Tensor:
         """The initial noise with step 0's correction applied, to pass as the text-to-image pipeline's ``latents=``.
 
-        Pass the same prompt, steps, size, images per prompt and generator(s) as to the
-        pipeline call. The noise is drawn from ``generator`` exactly as the pipeline would
+        Pass the same prompt (or prompt embeddings), steps, size, images per prompt,
+        generator(s) and ``clip_skip`` as to the pipeline call. The noise is drawn from ``generator`` exactly as the pipeline would
         draw it (which advances the generator just as the pipeline would), or taken from
         ``latents``. Without correction at step 0 (window or strength) the noise is returned as is.
         """
         device = pipeline._execution_device
         cond, _ = pipeline.encode_prompt(
-            prompt, device, num_images_per_prompt, do_classifier_free_guidance=False, prompt_embeds=prompt_embeds
+            prompt, device, num_images_per_prompt, do_classifier_free_guidance=False, prompt_embeds=prompt_embeds,
+            clip_skip=clip_skip,
         )
         # A fresh scheduler: the pipeline's own keeps per-run state, and its call sets it up again.
         scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config)
