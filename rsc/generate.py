@@ -12,7 +12,8 @@ Runs resume: an image whose sidecar (written last, every file atomically)
 records the same settings is skipped, so a killed run picks up where it
 stopped and never leaves half-written files. A sidecar with other settings
 stops the run (use another ``--out`` or ``--overwrite``). Image ``i`` depends
-only on its prompt and seed, not on the batch it was sampled in.
+only on its prompt and seed, not on the batch it was sampled in (up to float
+rounding: a resumed run's images match an uninterrupted run's to one grey level).
 """
 
 from __future__ import annotations
