@@ -4,14 +4,25 @@ An exported refiner is a folder that frontends use without rsc's training stack:
 
 * ``refiner.safetensors``: the weights (:meth:`rsc.refiner.LatentRefiner.save_pretrained`);
 * ``config.json``: the refiner architecture, the correction window and default
-  strength, the backbone it was trained for with a fingerprint of that
-  backbone's UNet and text-encoder configs, the training data's identity and
-  the rsc version (:class:`ExportInfo`);
+  strength, the backbone it was trained for (a fingerprint of its UNet and
+  text-encoder configs and a signature of a few of their weights), the
+  training data's identity and the rsc version (:class:`ExportInfo`);
 * ``README.md``: a short model card.
 
-:func:`load_refiner_for` refuses a backbone whose latent channels, text width
-or fingerprint differ from the export's; ``allow_mismatch=True`` lets a
-deliberate transfer to a derivative of the same architecture through.
+:func:`load_refiner_for` refuses a backbone whose latent channels, text width,
+config fingerprint or weight signature differ from the export's;
+``allow_mismatch=True`` lets a deliberate transfer to a derivative of the same
+architecture (e.g. SD 1.5 -> a fine-tuned SD 1.5) through.
+
+Why the weights have a *signature* compared with a tolerance, not a hash: a
+backbone is loaded in float32, float16 or bfloat16, and no rounding of the
+values to a common grid is exact across those paths (float32 -> bfloat16 and
+float32 -> float16 -> bfloat16 round 6% of trained weights differently, and
+any coarser grid still has values on its boundaries). So the signature holds
+a few float64 statistics of a few fixed, small, trained tensors
+(:data:`UNET_PROBES`, :data:`TEXT_ENCODER_PROBES`), which move with a
+fine-tune's first-order weight changes while bfloat16 rounding moves them by
+~0.1% of their scale; :func:`compare_weight_signatures` allows 1%.
 
 This module imports only torch, safetensors, diffusers and the standard
 library at load time (transformers and :mod:`rsc.backbone` lazily, to read a
@@ -26,6 +37,7 @@ import argparse
 import hashlib
 import inspect
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -115,34 +127,257 @@ def backbone_fingerprint(unet_config: Mapping[str, Any], text_encoder_config: An
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+# ---------------------------------------------------------------------- weight signature
+WEIGHTS_SCHEME = "rsc-weights-v1"
+# Small tensors that every full fine-tune trains, plus one cross-attention key projection
+# (merged LoRAs usually touch only attention) and the text encoder's embeddings and first layer.
+UNET_PROBES = (
+    "conv_in.weight",
+    "conv_out.weight",
+    "time_embedding.linear_1.weight",
+    "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+)
+TEXT_ENCODER_PROBES = (
+    "embeddings.token_embedding.weight",
+    "embeddings.position_embedding.weight",
+    "encoder.layers.0.self_attn.k_proj.weight",
+    "final_layer_norm.weight",
+)
+# CLIP text encoders keep their weights under "text_model." (transformers 4 and SD's files) or
+# without it (transformers 5 modules and saves); a probe is found under either.
+_PROBE_PREFIXES = {"unet": ("",), "text_encoder": ("", "text_model.")}
+# Only the first rows along dim 0 are read (SD 1.5's token embedding has 49408): cheap from disk too.
+PROBE_ROWS = 512
+PROBE_CHUNKS = 8
+# Chunk means may differ by this many of their natural scales (rms / sqrt(chunk size)), and the rms
+# by this fraction. bfloat16 rounding moves a chunk mean by ~0.0011 of its scale (std of a sum of
+# uniform relative errors of at most 2**-9): 1% is ~9 of those stds, and a fine-tune that moves the
+# probed weights by more than ~1% of their rms exceeds it.
+WEIGHTS_TOLERANCE = 0.01
+_WEIGHT_FILE_BASES = {"unet": ("diffusion_pytorch_model",), "text_encoder": ("model", "pytorch_model")}
+
+
+def tensor_signature(tensor: torch.Tensor) -> dict[str, Any]:
+    """Shape, rms and :data:`PROBE_CHUNKS` chunk means (float64) of the first :data:`PROBE_ROWS` rows of ``tensor``."""
+    return _signature_of_rows(tensor[:PROBE_ROWS], list(tensor.shape))
+
+
+def _signature_of_rows(rows: torch.Tensor, shape: list[int]) -> dict[str, Any]:
+    values = rows.detach().to("cpu", torch.float64).flatten()
+    count = values.numel()
+    chunks = torch.tensor_split(values, min(PROBE_CHUNKS, max(count, 1)))
+    return {
+        "shape": [int(size) for size in shape],
+        "count": count,
+        "rms": float(values.square().mean().sqrt()) if count else 0.0,
+        "chunk_means": [float(chunk.mean()) for chunk in chunks if chunk.numel()],
+    }
+
+
+def _stored_name(component: str, probe: str, keys: Any) -> str | None:
+    """The key under which ``keys`` (a state dict's or a file's) holds ``probe``, or ``None``."""
+    return next((prefix + probe for prefix in _PROBE_PREFIXES[component] if prefix + probe in keys), None)
+
+
+def weight_signature_from_state(
+    unet_state: Mapping[str, torch.Tensor], text_encoder_state: Mapping[str, torch.Tensor]
+) -> dict[str, Any]:
+    """The weight signature of a backbone from its UNet and text-encoder state dicts (absent probes are ``None``)."""
+    tensors: dict[str, Any] = {}
+    for component, state, probes in (("unet", unet_state, UNET_PROBES), ("text_encoder", text_encoder_state, TEXT_ENCODER_PROBES)):
+        for probe in probes:
+            key = _stored_name(component, probe, state)
+            tensors[f"{component}/{probe}"] = None if key is None else tensor_signature(state[key])
+    return {"scheme": WEIGHTS_SCHEME, "tensors": tensors}
+
+
+def weight_signature_from_modules(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, Any]:
+    """The weight signature of loaded modules, whatever their dtype and device."""
+    return weight_signature_from_state(unet.state_dict(), text_encoder.state_dict())
+
+
+def _weight_file_candidates(component: str) -> list[str]:
+    """File names a diffusers/transformers component may keep its weights in, preferred first."""
+    names = []
+    for extension in ("safetensors", "bin"):
+        for base in _WEIGHT_FILE_BASES[component]:
+            for variant in ("", ".fp16"):
+                names += [f"{base}{variant}.{extension}", f"{base}{variant}.{extension}.index.json"]
+    return names
+
+
+def _resolve_file(
+    source: str, subfolder: str, name: str, revision: str | None, local_files_only: bool
+) -> Path | None:
+    """``source/subfolder/name`` in a local folder, or from the Hub (its cache when offline); ``None`` if absent."""
+    if Path(source).is_dir():
+        path = Path(source) / subfolder / name
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(source, name, subfolder=subfolder, revision=revision, local_files_only=local_files_only))
+    except (EntryNotFoundError, OSError):
+        return None
+
+
+def _read_probes(path: Path, component: str, probes: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Signatures of the probes in one weight file, reading only those tensors where the format allows."""
+    found: dict[str, dict[str, Any]] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+            for probe in probes:
+                key = _stored_name(component, probe, keys)
+                if key is not None:
+                    sliced = handle.get_slice(key)
+                    found[probe] = _signature_of_rows(sliced[:PROBE_ROWS], list(sliced.get_shape()))
+        return found
+    # A pickled .bin: mmap=True pages in only the tensors read (zip format, torch >= 1.6 files);
+    # older files are loaded whole.
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    keys = {probe: _stored_name(component, probe, state) for probe in probes}
+    return {probe: tensor_signature(state[key]) for probe, key in keys.items() if key is not None}
+
+
+def weight_signature_from_files(
+    source: str | os.PathLike[str], revision: str | None = None, local_files_only: bool = False
+) -> dict[str, Any]:
+    """The weight signature of a diffusers folder or Hub id, reading only the probe tensors.
+
+    The first weight file found per component is read (``.safetensors`` before
+    ``.bin``, the full-precision file before the ``fp16`` variant; sharded
+    checkpoints through their ``.index.json``). The signature does not depend
+    on the file's dtype.
+    """
+    source = os.fspath(source)
+    tensors: dict[str, Any] = {}
+    for component, probes in (("unet", UNET_PROBES), ("text_encoder", TEXT_ENCODER_PROBES)):
+        candidates = _weight_file_candidates(component)
+        path = None
+        for name in candidates:
+            path = _resolve_file(source, component, name, revision, local_files_only)
+            if path is not None:
+                break
+        if path is None:
+            raise OSError(
+                f"backbone {source!r} has no {component} weights (looked for {component}/{{{', '.join(candidates)}}}); "
+                "the export records a signature of the backbone's weights, so point --backbone at the weights"
+            )
+        found: dict[str, dict[str, Any]] = {}
+        if path.name.endswith(".index.json"):
+            weight_map = json.loads(path.read_text())["weight_map"]
+            keys = (_stored_name(component, probe, weight_map) for probe in probes)
+            for shard in sorted({weight_map[key] for key in keys if key is not None}):
+                shard_path = _resolve_file(source, component, shard, revision, local_files_only)
+                if shard_path is None:
+                    raise OSError(f"{path} names shard {shard}, which backbone {source!r} does not have")
+                found.update(_read_probes(shard_path, component, probes))
+        else:
+            found = _read_probes(path, component, probes)
+        tensors.update({f"{component}/{name}": found.get(name) for name in probes})
+    return {"scheme": WEIGHTS_SCHEME, "tensors": tensors}
+
+
+def _differences(name: str, trained: dict[str, Any] | None, given: dict[str, Any] | None, tolerance: float) -> str | None:
+    """Why two probe signatures differ, or ``None`` when they agree within ``tolerance``."""
+    if trained is None or given is None:
+        return None if trained is given else f"{name} is {'absent' if trained is None else 'present'} in the export's backbone but not in this one"
+    if trained["shape"] != given["shape"] or trained["count"] != given["count"]:
+        return f"{name} has shape {trained['shape']} in the export's backbone but {given['shape']} here"
+    scale = max(trained["rms"], given["rms"])
+    if scale == 0.0:
+        return None
+    rms_change = abs(trained["rms"] - given["rms"]) / scale
+    quotient, remainder = divmod(trained["count"], len(trained["chunk_means"]))
+    sizes = [quotient + 1] * remainder + [quotient] * (len(trained["chunk_means"]) - remainder)
+    mean_change = max(
+        abs(a - b) / (scale / math.sqrt(size)) for a, b, size in zip(trained["chunk_means"], given["chunk_means"], sizes)
+    )
+    if max(rms_change, mean_change) <= tolerance:
+        return None
+    return f"{name} differs (rms by {rms_change:.3g} of itself, chunk means by up to {mean_change:.3g} of their scale)"
+
+
+def compare_weight_signatures(
+    trained: Mapping[str, Any], given: Mapping[str, Any], tolerance: float = WEIGHTS_TOLERANCE
+) -> list[str]:
+    """Descriptions of the probes whose signatures differ by more than ``tolerance`` (empty: the same weights).
+
+    Chunk means are compared in units of their natural scale
+    (rms / sqrt(chunk size)) and the rms relative to itself, so the test does
+    not depend on a tensor's size or magnitude; see :data:`WEIGHTS_TOLERANCE`.
+    """
+    if trained.get("scheme") != given.get("scheme"):
+        return [f"weight signature schemes differ ({trained.get('scheme')!r} vs {given.get('scheme')!r})"]
+    names = sorted(set(trained["tensors"]) | set(given["tensors"]))
+    found = (_differences(name, trained["tensors"].get(name), given["tensors"].get(name), tolerance) for name in names)
+    return [difference for difference in found if difference is not None]
+
+
+def weight_signature_label(signature: Mapping[str, Any] | None) -> str:
+    """A short name for a weight signature in messages: 12 hex digits of sha256 over its values at 2 significant digits.
+
+    Only a label: two loads of one backbone in different dtypes can get
+    different labels; whether weights match is decided by :func:`compare_weight_signatures`.
+    """
+    if signature is None:
+        return "none"
+
+    def coarse(value: Any) -> Any:
+        if isinstance(value, float):
+            return float(f"{value:.2g}")
+        if isinstance(value, list):
+            return [coarse(item) for item in value]
+        if isinstance(value, dict):
+            return {key: coarse(item) for key, item in value.items()}
+        return value
+
+    return hashlib.sha256(json.dumps(coarse(dict(signature)), sort_keys=True).encode()).hexdigest()[:12]
+
+
 @dataclass
 class BackboneConfigs:
-    """The configs of a backbone that a refiner depends on.
+    """The configs of a backbone that a refiner depends on, and the signature of a few of its weights.
 
     Build with :meth:`from_components` (a loaded pipeline or ``FrozenLDM``) or
-    :meth:`from_source` (a diffusers folder or cached Hub id, without loading weights).
+    :meth:`from_source` (a diffusers folder or cached Hub id, reading only the
+    probe tensors). Built from configs alone (``weights=None``) it cannot pass
+    :func:`load_refiner_for`'s weight check without ``allow_mismatch``.
     """
 
     unet: Mapping[str, Any]
     text_encoder: Any
     prediction_type: str = "epsilon"
     unet_class: type | None = None
+    weights: dict[str, Any] | None = None
 
     @classmethod
     def from_components(cls, unet: torch.nn.Module, text_encoder: torch.nn.Module, scheduler: Any = None) -> BackboneConfigs:
         """From loaded modules (``pipeline.unet``, ``pipeline.text_encoder``, ``pipeline.scheduler``)."""
         prediction_type = getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon"
-        return cls(dict(unet.config), text_encoder.config, prediction_type, type(unet))
+        return cls(
+            dict(unet.config), text_encoder.config, prediction_type, type(unet),
+            weight_signature_from_modules(unet, text_encoder),
+        )
 
     @classmethod
     def from_source(
         cls, source: str | os.PathLike[str], config: str | None = None, revision: str | None = None,
         local_files_only: bool | None = None,
     ) -> BackboneConfigs:
-        """Read the configs of a backbone from a diffusers folder or a Hub id (local cache when offline).
+        """Read the configs and weight signature of a backbone from a diffusers folder or a Hub id (local cache when offline).
 
         For a single-file checkpoint, ``config`` names the diffusers folder (or
-        Hub id) that holds its configs, as in :func:`rsc.backbone.load_sd_pipeline`.
+        Hub id) that holds its configs, as in :func:`rsc.backbone.load_sd_pipeline`;
+        its weights use the original SD key names, so the checkpoint is loaded
+        (once, on the CPU) to read the probes under diffusers names.
         """
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import AutoConfig
@@ -150,13 +385,17 @@ class BackboneConfigs:
         from rsc.backbone import SINGLE_FILE_SUFFIXES, is_hub_offline
 
         source = os.fspath(source)
-        if source.lower().endswith(SINGLE_FILE_SUFFIXES) and not Path(source).is_dir():
+        single_file = source.lower().endswith(SINGLE_FILE_SUFFIXES) and not Path(source).is_dir()
+        if single_file:
             if config is None:
                 raise ValueError(
                     f"backbone {source} is a single-file checkpoint; its configs come from `backbone_config` "
                     "(a diffusers folder or Hub id of its architecture), which is not set"
                 )
-            source = config
+            from rsc.backbone import load_sd_pipeline
+
+            pipeline = load_sd_pipeline(source, config=config, revision=revision, local_files_only=local_files_only)
+            return cls.from_components(pipeline.unet, pipeline.text_encoder, pipeline.scheduler)
         if local_files_only is None:
             local_files_only = is_hub_offline()
         where = {"revision": revision, "local_files_only": local_files_only}
@@ -169,7 +408,8 @@ class BackboneConfigs:
                 f"cannot read the UNet / text-encoder / scheduler configs of backbone {source!r} "
                 f"(a diffusers folder or a cached Hub id is needed for the fingerprint): {error}"
             ) from error
-        return cls(unet, text_encoder, scheduler.get("prediction_type", "epsilon"))
+        weights = weight_signature_from_files(source, revision=revision, local_files_only=local_files_only)
+        return cls(unet, text_encoder, scheduler.get("prediction_type", "epsilon"), weights=weights)
 
     @property
     def latent_channels(self) -> int:
@@ -186,8 +426,13 @@ class BackboneConfigs:
 
     @property
     def fingerprint(self) -> str:
-        """See :func:`backbone_fingerprint`."""
+        """The configs' fingerprint, see :func:`backbone_fingerprint` (the weights are in :attr:`weights`)."""
         return backbone_fingerprint(self.unet, self.text_encoder, self.unet_class)
+
+    @property
+    def label(self) -> str:
+        """``configs <fingerprint> / weights <label>``: how messages name this backbone."""
+        return f"configs {self.fingerprint} / weights {weight_signature_label(self.weights)}"
 
 
 def _default_unet_class() -> type:
@@ -205,7 +450,9 @@ class ExportInfo:
         correction_window: Fractions (start, end) of the sampling trajectory to correct (0 = pure noise).
         strength: Default sampling strength s in ``z_t + s * R(z_t, t, c)``.
         backbone: Hub id or path of the backbone the refiner was trained for.
-        backbone_fingerprint: :func:`backbone_fingerprint` of that backbone (``None`` in old exports).
+        backbone_fingerprint: :func:`backbone_fingerprint` of that backbone's configs (``None`` in old exports).
+        backbone_weights: Signature of a few of that backbone's weights (``None`` in exports written
+            before rsc recorded it), see :func:`compare_weight_signatures`.
         backbone_config: For a single-file backbone, the diffusers folder with its configs.
         prediction_type: The backbone's prediction type (epsilon, v_prediction, sample).
         training_strength: The strength used in training, if it differs from ``strength``.
@@ -217,6 +464,7 @@ class ExportInfo:
     strength: float
     backbone: str
     backbone_fingerprint: str | None = None
+    backbone_weights: dict[str, Any] | None = None
     backbone_config: str | None = None
     prediction_type: str = "epsilon"
     training_strength: float | None = None
@@ -243,6 +491,7 @@ class ExportInfo:
             strength=strength,
             backbone=str(hparams["backbone"]),
             backbone_fingerprint=backbone.fingerprint,
+            backbone_weights=backbone.weights,
             backbone_config=None if hparams.get("backbone_config") is None else str(hparams["backbone_config"]),
             prediction_type=str(hparams.get("prediction_type") or backbone.prediction_type),
             training_strength=None if training_strength == strength else training_strength,
@@ -296,7 +545,8 @@ sampler updates the latent, `z_t <- z_t + s * R(z_t, t, c)`, before the UNet see
 | | |
 | --- | --- |
 | backbone | `{info.backbone}` |
-| backbone fingerprint | `{info.backbone_fingerprint}` |
+| backbone fingerprint (configs) | `{info.backbone_fingerprint}` |
+| backbone weights | signature of {len((info.backbone_weights or {}).get("tensors", {}))} probe tensors (config.json) |
 | latent channels / text width | {config.latent_channels} / {config.text_embedding_dim} |
 | correction window | {start:g} - {end:g} of the trajectory (0 = pure noise) |
 | default strength | {info.strength:g} |
@@ -306,7 +556,8 @@ sampler updates the latent, `z_t <- z_t + s * R(z_t, t, c)`, before the UNet see
 
 Use it with plain diffusers (`rsc.frontends.diffusers.RefinerCallback`) or
 `python -m rsc.generate --refiner <this folder> --backbone {info.backbone} --prompts prompts.txt --out out/`.
-It is meant for the backbone above; loading it for another backbone fails unless you pass
+It is meant for the backbone above; loading it for another backbone (other configs, or other
+weights with the same configs, e.g. a fine-tune) fails unless you pass
 `allow_mismatch=True` (`--allow-backbone-mismatch`) for a deliberate transfer.
 
 Limits: the refiner was trained on the data named above and corrects what that data shows;
@@ -344,23 +595,21 @@ class ExportedRefiner:
 
 def load_refiner_for(
     directory: str | os.PathLike[str],
-    unet_config: Mapping[str, Any],
-    text_encoder_config: Any,
+    backbone: BackboneConfigs,
     allow_mismatch: bool = False,
     device: str | torch.device = "cpu",
-    unet_class: type | None = None,
 ) -> ExportedRefiner:
-    """Load an exported refiner for the backbone with these UNet and text-encoder configs.
+    """Load an exported refiner for ``backbone`` (``BackboneConfigs.from_components(pipe.unet, pipe.text_encoder)``).
 
     Raises:
         BackboneMismatchError: The latent channels or the text-embedding width differ (never
-            overridable: the refiner's layers have those shapes), or the backbone fingerprint
-            differs (or the export has none) and ``allow_mismatch`` is False.
+            overridable: the refiner's layers have those shapes); or, unless ``allow_mismatch``,
+            the config fingerprint or the weight signature differ, or either side lacks one
+            (an export written before rsc recorded weights, or ``backbone`` built without weights).
     """
     directory = Path(directory)
     info = ExportInfo.from_config_file(directory / CONFIG_NAME)
     refiner = LatentRefiner.from_pretrained(directory, device=device)
-    backbone = BackboneConfigs(unet_config, text_encoder_config, unet_class=unet_class)
     for what, trained, given in (
         ("latent channels", refiner.config.latent_channels, backbone.latent_channels),
         ("text-embedding width", refiner.config.text_embedding_dim, backbone.text_embedding_dim),
@@ -371,19 +620,34 @@ def load_refiner_for(
                 f"{info.backbone!r}), but this backbone has {what} {given}; a refiner cannot be used across "
                 "latent or text shapes (allow_mismatch does not apply)"
             )
+    if allow_mismatch:
+        return ExportedRefiner(refiner=refiner.eval(), info=info, directory=directory)
+    override = "pass allow_mismatch=True (--allow-backbone-mismatch) to use it anyway"
     fingerprint = backbone.fingerprint
-    if info.backbone_fingerprint != fingerprint and not allow_mismatch:
-        if info.backbone_fingerprint is None:
-            raise BackboneMismatchError(
-                f"{directory / CONFIG_NAME} has no backbone_fingerprint (an older export), so it cannot be "
-                f"checked against this backbone (fingerprint {fingerprint}); re-export it with python -m rsc.export, "
-                "or pass allow_mismatch=True (--allow-backbone-mismatch) to use it anyway"
-            )
+    if info.backbone_fingerprint is None or info.backbone_weights is None:
+        missing = "backbone_fingerprint" if info.backbone_fingerprint is None else "backbone_weights"
         raise BackboneMismatchError(
-            f"refiner {directory} was trained for backbone {info.backbone!r} with fingerprint "
-            f"{info.backbone_fingerprint}, but this backbone's UNet/text-encoder configs have fingerprint "
-            f"{fingerprint}. For a deliberate transfer to a derivative of the same architecture pass "
-            "allow_mismatch=True (--allow-backbone-mismatch)"
+            f"{directory / CONFIG_NAME} has no {missing} (an export from an older rsc), so it cannot be checked "
+            f"against this backbone ({backbone.label}); re-export it with python -m rsc.export, or {override}"
+        )
+    trained_label = f"configs {info.backbone_fingerprint} / weights {weight_signature_label(info.backbone_weights)}"
+    if info.backbone_fingerprint != fingerprint:
+        raise BackboneMismatchError(
+            f"refiner {directory} was trained for backbone {info.backbone!r} with fingerprint {trained_label}, "
+            f"but this backbone has {backbone.label}: its UNet/text-encoder configs differ. For a deliberate "
+            f"transfer to a derivative of the same architecture {override}"
+        )
+    if backbone.weights is None:
+        raise BackboneMismatchError(
+            f"this backbone ({backbone.label}) has no weight signature, so it cannot be checked against refiner "
+            f"{directory}; build it with BackboneConfigs.from_components or .from_source, or {override}"
+        )
+    differences = compare_weight_signatures(info.backbone_weights, backbone.weights)
+    if differences:
+        raise BackboneMismatchError(
+            f"refiner {directory} was trained for backbone {info.backbone!r} with fingerprint {trained_label}, "
+            f"but this backbone has {backbone.label}: same configs, other weights ({'; '.join(differences)}), "
+            f"e.g. a fine-tune. For a deliberate transfer to a derivative of the same architecture {override}"
         )
     return ExportedRefiner(refiner=refiner.eval(), info=info, directory=directory)
 

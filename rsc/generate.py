@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from rsc import __version__
 from rsc.atomic import atomic_path, write_json_atomic
-from rsc.export import ExportInfo, load_refiner_for
+from rsc.export import BackboneConfigs, ExportInfo, load_refiner_for
 from rsc.refiner import CONFIG_NAME
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -168,8 +168,8 @@ def generate(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ldm = FrozenLDM.from_pretrained(backbone, config=backbone_config, dtype=_DTYPES[dtype], device=device)
     exported = load_refiner_for(
-        refiner_dir, ldm.unet.config, ldm.text_encoder.config, allow_mismatch=allow_backbone_mismatch,
-        device=ldm.device, unet_class=type(ldm.unet),
+        refiner_dir, BackboneConfigs.from_components(ldm.unet, ldm.text_encoder, ldm.scheduler),
+        allow_mismatch=allow_backbone_mismatch, device=ldm.device,
     )
     strength = exported.info.strength if strength is None else float(strength)
     common = {
@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> GenerateSummary:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     parser.add_argument("--allow-backbone-mismatch", action="store_true",
-                        help="use the refiner with a backbone of another fingerprint (a deliberate transfer)")
+                        help="use the refiner with a backbone of another fingerprint or other weights, "
+                        "e.g. a fine-tune (a deliberate transfer)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:

@@ -17,8 +17,10 @@ from callbacks.export import ExportRefiner
 from rsc import __version__
 from rsc.export import (
     BackboneConfigs,
+    WEIGHTS_TOLERANCE,
     BackboneMismatchError,
     ExportInfo,
+    compare_weight_signatures,
     export_refiner,
     file_sha256,
     load_refiner_for,
@@ -75,8 +77,12 @@ def pipeline(tiny_sd_dir: Path) -> StableDiffusionPipeline:
     return StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
 
 
+def _configs(pipeline: StableDiffusionPipeline) -> BackboneConfigs:
+    return BackboneConfigs.from_components(pipeline.unet, pipeline.text_encoder, pipeline.scheduler)
+
+
 def _load(directory: Path, pipeline: StableDiffusionPipeline, **kwargs):  # noqa: ANN202
-    return load_refiner_for(directory, pipeline.unet.config, pipeline.text_encoder.config, **kwargs)
+    return load_refiner_for(directory, _configs(pipeline), **kwargs)
 
 
 def test_cli_export_round_trip(trained: dict[str, Path], tiny_sd_dir: Path, pipeline, tmp_path: Path) -> None:  # noqa: ANN001
@@ -96,8 +102,12 @@ def test_cli_export_round_trip(trained: dict[str, Path], tiny_sd_dir: Path, pipe
     assert info.correction_window == (0.1, 0.6) and info.strength == 0.7 and info.training_strength is None
     assert info.backbone == str(tiny_sd_dir) and info.prediction_type == "epsilon"
     assert info.training_data == {"dataset": "org/my-pairs"} and info.rsc_version == __version__
-    fingerprint = BackboneConfigs.from_source(tiny_sd_dir).fingerprint
+    on_disk = BackboneConfigs.from_source(tiny_sd_dir)
+    fingerprint = on_disk.fingerprint
     assert info.backbone_fingerprint == fingerprint and len(fingerprint) == 64
+    # The export read the probes from the files: exactly what a read of the folder gives now.
+    assert info.backbone_weights == on_disk.weights and on_disk.weights["scheme"] == "rsc-weights-v1"
+    assert all(on_disk.weights["tensors"][name] is not None for name in on_disk.weights["tensors"])
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == {
         "latent_channels": 4, "text_embedding_dim": 32, "hidden_channels": 16, "num_blocks": 1,
@@ -120,12 +130,41 @@ def test_end_of_fit_callback_writes_the_cli_format(trained: dict[str, Path], tmp
     assert set(ours) == set(theirs) and all(torch.equal(ours[key], theirs[key]) for key in ours)
 
 
-def test_fingerprint_is_the_same_from_disk_and_from_a_loaded_model(tiny_sd_dir: Path) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fingerprint_is_the_same_from_disk_and_from_a_loaded_model(tiny_sd_dir: Path, dtype: torch.dtype) -> None:
+    on_disk = BackboneConfigs.from_source(tiny_sd_dir)
+    loaded = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, dtype=dtype)
+    assert loaded.unet.dtype == dtype
+    configs = _configs(loaded)
+    assert configs.fingerprint == on_disk.fingerprint
+    assert compare_weight_signatures(on_disk.weights, configs.weights) == []
+    # With a margin: bfloat16 rounding moves a statistic by ~0.0011 (one std) of its scale; the tolerance is 0.01.
+    assert compare_weight_signatures(on_disk.weights, configs.weights, tolerance=WEIGHTS_TOLERANCE / 2) == []
+    if dtype == torch.float32:
+        assert configs.weights == on_disk.weights, "float32 from disk and loaded: the same float64 statistics"
+    changed = dict(loaded.unet.config, upcast_attention=True)
+    assert BackboneConfigs(changed, loaded.text_encoder.config).fingerprint != configs.fingerprint
+
+
+def test_weight_signature_reads_probes_from_files_without_loading_them(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    """fp16 variants and .bin files give the signature of the float32 safetensors (within tolerance)."""
+    reference = BackboneConfigs.from_source(tiny_sd_dir).weights
     half = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, dtype=torch.float16)
-    loaded = BackboneConfigs.from_components(half.unet, half.text_encoder, half.scheduler)
-    assert loaded.fingerprint == BackboneConfigs.from_source(tiny_sd_dir).fingerprint
-    changed = dict(half.unet.config, upcast_attention=True)
-    assert BackboneConfigs(changed, half.text_encoder.config).fingerprint != loaded.fingerprint
+    half.save_pretrained(tmp_path / "fp16_variant", variant="fp16")
+    assert not list((tmp_path / "fp16_variant" / "unet").glob("diffusion_pytorch_model.safetensors"))
+    pickled = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    pickled.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert list((tmp_path / "bin" / "unet").glob("*.bin"))
+    for folder in ("fp16_variant", "bin"):
+        weights = BackboneConfigs.from_source(tmp_path / folder).weights
+        assert compare_weight_signatures(reference, weights) == [], folder
+    (tmp_path / "no_weights" / "unet").mkdir(parents=True)
+    for component in ("unet", "text_encoder", "scheduler"):
+        (tmp_path / "no_weights" / component).mkdir(exist_ok=True)
+        for config in (tiny_sd_dir / component).glob("*.json"):
+            (tmp_path / "no_weights" / component / config.name).write_text(config.read_text())
+    with pytest.raises(OSError, match="has no unet weights .*diffusion_pytorch_model.safetensors"):
+        BackboneConfigs.from_source(tmp_path / "no_weights")
 
 
 def test_sampling_strength_is_the_default_when_training_sets_one(pipeline) -> None:  # noqa: ANN001
@@ -153,26 +192,63 @@ def test_mismatched_backbones_fail_with_both_values(pipeline, tmp_path: Path) ->
     for allow in (False, True):
         with pytest.raises(BackboneMismatchError, match="text-embedding width 32 .* has text-embedding width 48"):
             _load(export, wide_text, allow_mismatch=allow)
-    eight_channels = dict(pipeline.unet.config, in_channels=8)
+    weights = _configs(pipeline).weights
+    eight_channels = BackboneConfigs(dict(pipeline.unet.config, in_channels=8), pipeline.text_encoder.config, weights=weights)
     with pytest.raises(BackboneMismatchError, match="latent channels 4 .* has latent channels 8"):
-        load_refiner_for(export, eight_channels, pipeline.text_encoder.config, allow_mismatch=True)
+        load_refiner_for(export, eight_channels, allow_mismatch=True)
 
     # A derivative of the same architecture with another configuration: refused unless asked for.
-    derivative = dict(pipeline.unet.config, sample_size=32)
-    derivative_fingerprint = BackboneConfigs(derivative, pipeline.text_encoder.config).fingerprint
-    with pytest.raises(BackboneMismatchError, match=f"{trained_fingerprint}.*{derivative_fingerprint}.*allow_mismatch"):
-        load_refiner_for(export, derivative, pipeline.text_encoder.config)
-    transferred = load_refiner_for(export, derivative, pipeline.text_encoder.config, allow_mismatch=True)
+    derivative = BackboneConfigs(dict(pipeline.unet.config, sample_size=32), pipeline.text_encoder.config, weights=weights)
+    with pytest.raises(BackboneMismatchError,
+                       match=f"{trained_fingerprint}.*{derivative.fingerprint}.*configs differ.*allow_mismatch"):
+        load_refiner_for(export, derivative)
+    transferred = load_refiner_for(export, derivative, allow_mismatch=True)
     assert transferred.info.backbone_fingerprint == trained_fingerprint
 
-    # Other weights, same configs (a fine-tune that keeps them): the same fingerprint, no flag needed.
-    fine_tune = build_random_sd(seed=5)
-    assert _load(export, fine_tune).refiner.config.text_embedding_dim == 32
+    # The same configs without a weight signature cannot be checked.
+    with pytest.raises(BackboneMismatchError, match="has no weight signature.*from_components"):
+        load_refiner_for(export, BackboneConfigs(pipeline.unet.config, pipeline.text_encoder.config))
+    assert _load(export, pipeline).refiner.config.text_embedding_dim == 32
+
+
+def test_a_fine_tune_with_the_same_configs_needs_the_override(tiny_sd_dir: Path, pipeline, tmp_path: Path) -> None:  # noqa: ANN001
+    export = _export_for(pipeline, tmp_path / "export")
+    fine_tune = build_random_sd(seed=0)  # the tiny SD of tiny_sd_dir, before its fine-tune
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in (fine_tune.unet, fine_tune.text_encoder):
+            for parameter in module.parameters():
+                # A light fine-tune: every weight moves by 3% of its tensor's rms.
+                noise = torch.randn(parameter.shape, generator=generator)
+                parameter.add_(0.03 * parameter.pow(2).mean().sqrt() * noise)
+    fine_tune.save_pretrained(tmp_path / "fine_tune")
+    on_disk = BackboneConfigs.from_source(tmp_path / "fine_tune")
+    original = BackboneConfigs.from_source(tiny_sd_dir)
+    assert on_disk.fingerprint == original.fingerprint, "a fine-tune keeps the configs"
+
+    with pytest.raises(BackboneMismatchError) as refused:
+        load_refiner_for(export, on_disk)
+    message = str(refused.value)
+    assert original.label in message and on_disk.label in message and original.label != on_disk.label
+    assert "same configs, other weights" in message and "allow_mismatch=True" in message
+    assert "unet/conv_in.weight" in message and "text_encoder/final_layer_norm.weight" in message
+    # Loaded from the fine-tune's files in half precision: refused just the same.
+    half = StableDiffusionPipeline.from_pretrained(tmp_path / "fine_tune", safety_checker=None, dtype=torch.float16)
+    with pytest.raises(BackboneMismatchError, match="same configs, other weights"):
+        _load(export, half)
+    accepted = load_refiner_for(export, on_disk, allow_mismatch=True)
+    assert accepted.info.backbone_weights == original.weights
 
 
 def test_export_without_fingerprint_needs_the_override(pipeline, tmp_path: Path) -> None:  # noqa: ANN001
     export = _export_for(pipeline, tmp_path / "old")
     config = json.loads((export / "config.json").read_text())
+    # Exported before rsc recorded weight signatures: the configs match, the weights cannot be checked.
+    del config["backbone_weights"]
+    (export / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BackboneMismatchError, match="no backbone_weights.*re-export.*allow_mismatch=True"):
+        _load(export, pipeline)
+    assert _load(export, pipeline, allow_mismatch=True).info.backbone_weights is None
     del config["backbone_fingerprint"]
     (export / "config.json").write_text(json.dumps(config))
     with pytest.raises(BackboneMismatchError, match="no backbone_fingerprint.*re-export"):
@@ -200,4 +276,4 @@ def test_export_errors(trained: dict[str, Path], tmp_path: Path, capsys: pytest.
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({"architecture": {}, "strength": 1.0}))
     with pytest.raises(ValueError, match=r"config.json lacks \['correction_window', 'backbone'\]"):
-        load_refiner_for(broken, {}, {})
+        load_refiner_for(broken, BackboneConfigs({}, {}))

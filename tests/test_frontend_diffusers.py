@@ -144,6 +144,12 @@ def test_from_pretrained_reads_window_and_strength_and_checks_the_backbone(pipel
         assert torch.equal(callback.refiner.state_dict()[key], value)
     with pytest.raises(BackboneMismatchError, match="text-embedding width 32 .* 48"):
         RefinerCallback.from_pretrained(export, build_random_sd(RandomSDSpec(text_hidden_size=48)))
+    fine_tune = build_random_sd(seed=0)  # the same configs as `pipeline`; other weights below
+    with torch.no_grad():
+        fine_tune.unet.conv_in.weight.mul_(1.1)
+    with pytest.raises(BackboneMismatchError, match="same configs, other weights .*unet/conv_in.weight"):
+        RefinerCallback.from_pretrained(export, fine_tune)
+    assert RefinerCallback.from_pretrained(export, fine_tune, allow_mismatch=True).strength == 0.8
     with pytest.raises(ValueError, match="0 <= start <= end <= 1"):
         RefinerCallback(refiner, (0.6, 0.2))
 

@@ -75,7 +75,7 @@ def test_writes_images_sidecars_and_comparisons(refiner_dir: Path, prompts_file:
     # The PNGs are rsc's sampler's images: corrected on the right of the comparison, uncorrected on the left.
     ldm = FrozenLDM.from_pretrained(tiny_sd_dir)
     exported_correction = generate_module.load_refiner_for(
-        refiner_dir, ldm.unet.config, ldm.text_encoder.config).correction()
+        refiner_dir, BackboneConfigs.from_components(ldm.unet, ldm.text_encoder, ldm.scheduler)).correction()
     kwargs = dict(steps=3, guidance_scale=6.5, progress=False)
     corrected = sample(ldm, ["a dog on a beach"], [0], correction=exported_correction,
                        correction_window=(0.0, 0.5), **kwargs).to_pil()[0]

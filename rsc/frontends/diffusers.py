@@ -35,7 +35,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from rsc.export import load_refiner_for
+from rsc.export import BackboneConfigs, load_refiner_for
 from rsc.refiner import LatentRefiner, RefinerCorrection
 from rsc.sampling import correct_latents, correction_step_indices
 
@@ -82,14 +82,13 @@ class RefinerCallback(PipelineCallback):
     ) -> RefinerCallback:
         """Load an exported refiner for ``pipeline``'s backbone (see :func:`rsc.export.load_refiner_for`).
 
-        Raises ``BackboneMismatchError`` when the pipeline's latent channels, text width or config
-        fingerprint differ from the backbone the refiner was trained for (``allow_mismatch=True``
-        accepts a different fingerprint for a deliberate transfer).
+        Raises ``BackboneMismatchError`` when the pipeline's latent channels, text width, config
+        fingerprint or weight signature differ from the backbone the refiner was trained for
+        (``allow_mismatch=True`` accepts another fingerprint or other weights, e.g. a fine-tune,
+        for a deliberate transfer).
         """
-        exported = load_refiner_for(
-            directory, pipeline.unet.config, pipeline.text_encoder.config, allow_mismatch=allow_mismatch,
-            device=pipeline.device, unet_class=type(pipeline.unet),
-        )
+        backbone = BackboneConfigs.from_components(pipeline.unet, pipeline.text_encoder, pipeline.scheduler)
+        exported = load_refiner_for(directory, backbone, allow_mismatch=allow_mismatch, device=pipeline.device)
         return cls(exported.refiner, exported.info.correction_window, exported.info.strength if strength is None else strength)
 
     @property
