@@ -21,6 +21,9 @@ def training_data_identity(trainer: L.Trainer) -> dict[str, Any] | None:
 class ExportRefiner(Callback):
     """Export the refiner to ``<log dir>/refiner`` when fit ends (``refiner.safetensors``, ``config.json``, ``README.md``).
 
+    The folder is replaced as a whole, atomically (:func:`rsc.export.export_refiner`): a run killed
+    while exporting leaves the previous export, which the next export tidies up.
+
     Args:
         dirpath: Destination folder; default ``refiner/`` in the trainer's log directory.
     """

@@ -39,6 +39,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -48,7 +49,6 @@ from typing import Any
 import torch
 
 from rsc import __version__
-from rsc.atomic import atomic_path
 from rsc.refiner import CONFIG_NAME, WEIGHTS_NAME, LatentRefiner, RefinerConfig, RefinerCorrection
 
 FORMAT_NAME = "rsc-refiner"
@@ -566,12 +566,110 @@ before relying on it.
 """
 
 
-def export_refiner(refiner: LatentRefiner, directory: str | os.PathLike[str], info: ExportInfo) -> Path:
-    """Write ``refiner.safetensors``, ``config.json`` and ``README.md`` to ``directory``, each atomically."""
+# Names of the export's files, and of the siblings an export goes through: fixed (not random) so
+# the next export finds what a killed one left.
+EXPORT_FILES = frozenset({WEIGHTS_NAME, CONFIG_NAME, MODEL_CARD_NAME})
+_STAGING_SUFFIX = ".rsc-new"
+_ASIDE_SUFFIX = ".rsc-old"
+
+
+def _staging_folder(directory: Path) -> Path:
+    return directory.parent / f".{directory.name}{_STAGING_SUFFIX}"
+
+
+def _aside_folder(directory: Path) -> Path:
+    return directory.parent / f".{directory.name}{_ASIDE_SUFFIX}"
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk where the platform allows it (a folder cannot be opened on Windows)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def recover_export(directory: str | os.PathLike[str]) -> None:
+    """Undo what an export killed mid-way left beside ``directory`` (see :func:`export_refiner`).
+
+    * ``.<name>.rsc-old`` without ``<name>``: killed between the two renames; the
+      old export is renamed back (the staged new one is complete, but the old is
+      the one a reader last saw).
+    * ``.<name>.rsc-old`` beside ``<name>``: killed after the swap; the old one is deleted.
+    * ``.<name>.rsc-new``: a staged export that was never swapped in; deleted.
+    """
     directory = Path(directory)
-    refiner.save_pretrained(directory, extra_config=info.to_dict())
-    with atomic_path(directory / MODEL_CARD_NAME) as temporary:
-        temporary.write_text(model_card(refiner, info), encoding="utf-8")
+    aside, staging = _aside_folder(directory), _staging_folder(directory)
+    if aside.exists():
+        if directory.exists():
+            shutil.rmtree(aside)
+        else:
+            os.rename(aside, directory)
+    if staging.exists():
+        shutil.rmtree(staging)
+
+
+def _check_replaceable(directory: Path) -> None:
+    """Refuse to swap out a folder that holds anything but an export (``--out .`` must not delete a project)."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise FileExistsError(f"export destination {directory} is a file, not a folder")
+    # atomic_path's leftovers (".config.json.abc.tmp") belong to an export killed mid-file.
+    foreign = sorted(
+        path.name for path in directory.iterdir()
+        if path.name not in EXPORT_FILES and not (path.name.startswith(".") and path.name.endswith(".tmp"))
+    )
+    if foreign:
+        raise FileExistsError(
+            f"export destination {directory} holds files that are not part of a refiner export ({foreign[:5]}); "
+            f"an export replaces the whole folder, so choose an empty or new folder"
+        )
+
+
+def export_refiner(refiner: LatentRefiner, directory: str | os.PathLike[str], info: ExportInfo) -> Path:
+    """Write ``refiner.safetensors``, ``config.json`` and ``README.md`` to ``directory``, atomically as a whole.
+
+    The files are written into the sibling ``.<name>.rsc-new`` and swapped in:
+    an existing ``directory`` is renamed to ``.<name>.rsc-old``, the new folder
+    renamed to ``directory``, then the old one deleted. Readers see the old
+    export or the new one, never a mix. If the process is killed:
+
+    * while writing: ``directory`` is untouched; ``.rsc-new`` is left over;
+    * between the renames: ``directory`` is missing, the old export is in
+      ``.rsc-old`` (:func:`load_refiner_for` says so);
+    * before the old one is deleted: ``directory`` is new, ``.rsc-old`` is left over.
+
+    The next export (or :func:`recover_export`) puts each of these right before
+    it starts. A failed write (an exception) removes ``.rsc-new`` at once.
+    Two exports to one folder at the same time are not supported. A
+    ``directory`` holding files other than an export's is refused.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    recover_export(directory)
+    _check_replaceable(directory)
+    staging, aside = _staging_folder(directory), _aside_folder(directory)
+    staging.mkdir()
+    try:
+        refiner.save_pretrained(staging, extra_config=info.to_dict())
+        (staging / MODEL_CARD_NAME).write_text(model_card(refiner, info), encoding="utf-8")
+        for name in EXPORT_FILES:
+            _fsync(staging / name)  # the renames must not reach the disk before the files' contents
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if directory.exists():
+        os.rename(directory, aside)
+    os.rename(staging, directory)
+    _fsync(directory.parent)
+    shutil.rmtree(aside, ignore_errors=True)
     return directory
 
 
@@ -608,6 +706,11 @@ def load_refiner_for(
             (an export written before rsc recorded weights, or ``backbone`` built without weights).
     """
     directory = Path(directory)
+    if not directory.exists() and _aside_folder(directory).exists():
+        raise FileNotFoundError(
+            f"refiner {directory} does not exist, but {_aside_folder(directory)} does: an export was killed while "
+            "swapping folders; export again, or rename that folder back to use the previous export"
+        )
     info = ExportInfo.from_config_file(directory / CONFIG_NAME)
     refiner = LatentRefiner.from_pretrained(directory, device=device)
     for what, trained, given in (
@@ -716,7 +819,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Export the refiner of an rsc training checkpoint as refiner.safetensors + config.json + README.md.",
     )
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by python -m rsc.fit")
-    parser.add_argument("--out", required=True, help="output folder (files are replaced atomically)")
+    parser.add_argument("--out", required=True, help="output folder (replaced as a whole, atomically)")
     parser.add_argument(
         "--backbone", default=None,
         help="read the backbone's configs here and record it instead of the checkpoint's "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +26,7 @@ from rsc.export import (
     file_sha256,
     load_refiner_for,
     main as export_main,
+    recover_export,
 )
 from rsc.module import RSCorrector
 from rsc.random_models import RandomSDSpec, build_random_sd
@@ -174,14 +176,84 @@ def test_sampling_strength_is_the_default_when_training_sets_one(pipeline) -> No
     assert info.strength == 0.0 and info.training_strength == 1.0
 
 
-def _export_for(pipeline: StableDiffusionPipeline, directory: Path, backbone: str = "tiny") -> Path:
+def _export_for(pipeline: StableDiffusionPipeline, directory: Path, backbone: str = "tiny", seed: int = 0,
+                strength: float = 1.0) -> Path:
     from rsc.refiner import LatentRefiner, RefinerConfig
 
     configs = BackboneConfigs.from_components(pipeline.unet, pipeline.text_encoder, pipeline.scheduler)
+    torch.manual_seed(seed)
     refiner = LatentRefiner(RefinerConfig(latent_channels=4, text_embedding_dim=configs.text_embedding_dim,
                                           hidden_channels=8, num_blocks=1, embedding_dim=8, norm_groups=4))
-    info = ExportInfo.from_training({"correction_window": [0.0, 0.5], "strength": 1.0, "backbone": backbone}, configs)
+    info = ExportInfo.from_training({"correction_window": [0.0, 0.5], "strength": strength, "backbone": backbone}, configs)
     return export_refiner(refiner, directory, info)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_an_export_that_fails_midway_leaves_the_previous_one_intact(pipeline, tmp_path: Path,  # noqa: ANN001
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import rsc.refiner
+
+    export = _export_for(pipeline, tmp_path / "export", seed=0, strength=1.0)
+    before = _files(export)
+    written: list[Path] = []
+    real_write = rsc.refiner.write_json_atomic
+
+    def full_disk(path: Path, payload: object) -> None:  # config.json: the second file save_pretrained writes
+        written.append(path)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rsc.refiner, "write_json_atomic", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _export_for(pipeline, tmp_path / "export", seed=1, strength=0.5)
+    monkeypatch.setattr(rsc.refiner, "write_json_atomic", real_write)
+    assert written and written[0].parent != export, "the new files go to a staging folder, not into the export"
+    assert _files(export) == before, "new weights must not sit beside the old config"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["export"], "the staging folder is removed"
+    assert _load(export, pipeline).info.strength == 1.0
+
+    _export_for(pipeline, tmp_path / "export", seed=1, strength=0.5)
+    assert _files(export)["refiner.safetensors"] != before["refiner.safetensors"]
+    assert _load(export, pipeline).info.strength == 0.5
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["export"], "the old export is deleted after the swap"
+
+
+def test_the_next_export_recovers_from_a_killed_one(pipeline, tmp_path: Path) -> None:  # noqa: ANN001
+    export = _export_for(pipeline, tmp_path / "export", strength=1.0)
+    staging, aside = tmp_path / ".export.rsc-new", tmp_path / ".export.rsc-old"
+
+    # Killed while writing the staged files: the export is untouched, the next export removes the leftover.
+    staging.mkdir()
+    (staging / "refiner.safetensors").write_bytes(b"half a file")
+    assert _load(export, pipeline).info.strength == 1.0
+    _export_for(pipeline, export, strength=0.25)
+    assert not staging.exists() and _load(export, pipeline).info.strength == 0.25
+
+    # Killed between the renames: no export, the old one aside; loading says so, recovery renames it back.
+    export.rename(aside)
+    shutil.copytree(aside, staging)
+    with pytest.raises(FileNotFoundError, match=r"\.export\.rsc-old does: an export was killed"):
+        _load(export, pipeline)
+    recover_export(export)
+    assert not aside.exists() and not staging.exists() and _load(export, pipeline).info.strength == 0.25
+
+    # Killed before deleting the old export: the new one is in place; the next export deletes the old.
+    shutil.copytree(export, aside)
+    _export_for(pipeline, export, strength=0.75)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]
+    assert _load(export, pipeline).info.strength == 0.75
+
+
+def test_an_export_does_not_replace_a_folder_with_other_files(pipeline, tmp_path: Path) -> None:  # noqa: ANN001
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"project holds files that are not part of a refiner export \(\['notes.txt'\]\)"):
+        _export_for(pipeline, folder)
+    assert _files(folder) == {"notes.txt": b"keep me"}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["project"]
 
 
 def test_mismatched_backbones_fail_with_both_values(pipeline, tmp_path: Path) -> None:  # noqa: ANN001
