@@ -57,13 +57,34 @@ def correction_step_indices(num_steps: int, window: tuple[float, float]) -> list
     return [i for i in range(num_steps) if start <= i / num_steps < end]
 
 
+def correction_timestep_indices(num_entries: int, num_steps: int, window: tuple[float, float]) -> list[int]:
+    """Indices into ``scheduler.timesteps`` (``num_entries`` long, for ``num_steps`` steps) that are corrected.
+
+    First-order schedulers have one entry per step, and the result is
+    :func:`correction_step_indices`. Order-2 schedulers (Heun, KDPM2) have
+    ``2 * num_steps - 1`` entries: step 0, then for every later step ``k`` the
+    second-order evaluation that ends step ``k - 1`` and the first-order one
+    that starts step ``k``, both at (Heun) or just above (KDPM2) step ``k``'s
+    noise level. Entry ``j`` belongs to step ``round(j * num_steps / num_entries)``
+    (``(j + 1) // 2`` for order 2), and is corrected when that step is: the
+    window stays a fraction of the trajectory, at the noise levels of
+    :func:`window_timestep_range`, for every scheduler.
+    """
+    if num_entries < 1 or num_steps < 1:
+        raise ValueError(f"a schedule needs entries and steps, got {num_entries} entries for {num_steps} steps")
+    steps = set(correction_step_indices(num_steps, window))
+    # Integer round-half-up of j * num_steps / num_entries (no ties arise for num_entries in {N, 2N - 1}).
+    return [j for j in range(num_entries) if (2 * j * num_steps + num_entries) // (2 * num_entries) in steps]
+
+
 def window_timestep_range(window: tuple[float, float], num_train_timesteps: int = 1000) -> tuple[int, int]:
     """Training timesteps ``[low, high)`` that correspond to a correction window.
 
     Sampling step ``i`` of ``N`` sits at training timestep ~``T * (1 - i / N)``,
     so the window's fractions ``(start, end)`` map to ``t`` in
     ``[T * (1 - end), T * (1 - start))``: the rule of :func:`correction_step_indices`
-    seen from the training side, so training and sampling correct the same noise levels.
+    seen from the training side, so training and sampling correct the same noise levels
+    (for order-2 schedulers too, see :func:`correction_timestep_indices`).
     """
     start, end = window
     if not 0.0 <= start < end <= 1.0:
@@ -151,7 +172,8 @@ def sample(
             step inside ``correction_window``; ``cond`` are the prompts' text embeddings.
             ``z_t`` is given in the DDPM parameterisation the model was trained in
             (``scheduler.scale_model_input`` applied), so one refiner serves any scheduler.
-        correction_window: Fractions of the trajectory to correct, see :func:`correction_step_indices`.
+        correction_window: Fractions of the trajectory to correct, see :func:`correction_step_indices`
+            (for order-2 schedulers, :func:`correction_timestep_indices`).
         negative_prompt: Negative prompt for guidance (default: empty prompt).
         scheduler: Scheduler instance or diffusers class name; default: the model's.
         batch_size: Images per UNet batch.
@@ -174,7 +196,7 @@ def sample(
     if height % factor or width % factor:
         raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
     do_cfg = guidance_scale > 1.0 and ldm.unet.config.time_cond_proj_dim is None
-    corrected = set(correction_step_indices(steps, correction_window)) if correction is not None else set()
+    correction_step_indices(steps, correction_window)  # validates the window before any work
     device = ldm.device
 
     images, final_latents = [], []
@@ -192,8 +214,12 @@ def sample(
         latents = randn_tensor(shape, generator=generators, device=device, dtype=embeddings.cond.dtype)
         latents = latents * run_scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(run_scheduler, generators, eta)
+        schedule = run_scheduler.timesteps
+        corrected = set() if correction is None else set(correction_timestep_indices(len(schedule), steps, correction_window))
+        if start == 0:
+            bar.reset(total=num_batches * len(schedule))  # order-2 schedulers: ~2 UNet calls a step
 
-        for index, t in enumerate(run_scheduler.timesteps):
+        for index, t in enumerate(schedule):
             if index in corrected:
                 latents = correct_latents(run_scheduler, correction, latents, t, embeddings.cond)
             model_input = torch.cat([latents] * 2) if do_cfg else latents

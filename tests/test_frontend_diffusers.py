@@ -15,7 +15,7 @@ from rsc.export import BackboneConfigs, BackboneMismatchError, ExportInfo, expor
 from rsc.frontends.diffusers import RefinerCallback
 from rsc.random_models import RandomSDSpec, build_random_sd
 from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection
-from rsc.sampling import make_scheduler, sample
+from rsc.sampling import correction_step_indices, correction_timestep_indices, make_scheduler, sample
 
 PROMPTS = ["a photo of a cat", "a dog on a beach"]
 SEEDS = [11, 22]
@@ -65,6 +65,9 @@ def _pipeline_images(pipe: StableDiffusionPipeline, callback: RefinerCallback | 
         ("DDIMScheduler", 1.0, (0.2, 1.0)),
         ("EulerDiscreteScheduler", 5.0, (0.0, 0.7)),
         ("EulerAncestralDiscreteScheduler", 7.5, (0.0, 1.0)),
+        ("HeunDiscreteScheduler", 7.5, (0.0, 0.5)),
+        ("HeunDiscreteScheduler", 5.0, (0.3, 0.8)),
+        ("KDPM2DiscreteScheduler", 7.5, (0.0, 0.5)),
     ],
 )
 def test_images_equal_rsc_corrected_sampler(pipeline, ldm, refiner, scheduler: str, guidance: float,  # noqa: ANN001
@@ -75,6 +78,18 @@ def test_images_equal_rsc_corrected_sampler(pipeline, ldm, refiner, scheduler: s
     expected = sample(ldm, PROMPTS, SEEDS, steps=STEPS, guidance_scale=guidance, scheduler=scheduler,
                       correction=RefinerCorrection(refiner, 1.5), correction_window=window, progress=False).images
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    # Both apply the correction at the same schedule entries (for Heun, both entries of each corrected step).
+    seen: list[float] = []
+    hook = refiner.register_forward_pre_hook(lambda module, args: seen.append(float(args[1][0])))
+    try:
+        _pipeline_images(pipeline, callback, guidance)
+    finally:
+        hook.remove()
+    schedule = pipeline.scheduler.timesteps
+    steps = correction_step_indices(STEPS, window)
+    entries = correction_timestep_indices(len(schedule), STEPS, window)
+    assert seen == [float(schedule[j]) for j in entries]
+    assert len(entries) == (len(steps) if len(schedule) == STEPS else 2 * len(steps) - (0 in steps))
     plain = sample(ldm, PROMPTS, SEEDS, steps=STEPS, guidance_scale=guidance, scheduler=scheduler, progress=False).images
     assert (ours - plain).abs().mean() > 1e-2, "the correction must change the images, or parity proves nothing"
 

@@ -10,7 +10,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from rsc.backbone import FrozenLDM
-from rsc.sampling import correction_step_indices, make_scheduler
+from rsc.sampling import correction_step_indices, correction_timestep_indices, make_scheduler, window_timestep_range
 
 PROMPTS = ["a photo of a cat", "a dog on a beach", "an empty room"]
 SEEDS = [11, 22, 33]
@@ -34,7 +34,8 @@ def _diffusers_images(folder: Path, scheduler: str | None, steps: int, guidance:
 
 @pytest.mark.parametrize(
     ("scheduler", "guidance"),
-    [(None, 7.5), ("EulerDiscreteScheduler", 5.0), ("EulerAncestralDiscreteScheduler", 7.5), (None, 1.0)],
+    [(None, 7.5), ("EulerDiscreteScheduler", 5.0), ("EulerAncestralDiscreteScheduler", 7.5), (None, 1.0),
+     ("HeunDiscreteScheduler", 7.5)],
 )
 def test_matches_diffusers_pipeline(ldm: FrozenLDM, tiny_sd_dir: Path, scheduler: str | None, guidance: float) -> None:
     expected = _diffusers_images(tiny_sd_dir, scheduler, steps=6, guidance=guidance)
@@ -71,6 +72,45 @@ def test_correction_window_indices() -> None:
     assert correction_step_indices(4, (0.9, 1.0)) == []
     with pytest.raises(ValueError, match="0 <= start <= end <= 1"):
         correction_step_indices(10, (0.6, 0.2))
+
+
+def test_correction_timestep_indices_count_steps_not_schedule_entries() -> None:
+    for steps in (1, 4, 10, 25):
+        for window in [(0.0, 0.3), (0.2, 0.8), (0.5, 1.0), (0.0, 1.0)]:
+            first_order = correction_step_indices(steps, window)
+            assert correction_timestep_indices(steps, steps, window) == first_order
+            # Order 2: entry 0 is step 0, entries 2k - 1 and 2k are step k.
+            second_order = correction_timestep_indices(2 * steps - 1, steps, window)
+            assert second_order == [j for j in range(2 * steps - 1) if (j + 1) // 2 in first_order]
+    assert correction_timestep_indices(19, 10, (0.0, 0.3)) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="0 <= start <= end <= 1"):
+        correction_timestep_indices(19, 10, (0.6, 0.2))
+
+
+@pytest.mark.parametrize("scheduler_name", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler"])
+def test_order_two_schedulers_correct_the_same_fraction_of_the_trajectory(ldm: FrozenLDM, scheduler_name: str) -> None:
+    seen: list[float] = []
+
+    def identity(latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        seen.append(float(timesteps[0]))
+        return latents
+
+    steps, window = 10, (0.0, 0.3)
+    ldm.sample(PROMPTS[:1], SEEDS[:1], steps=steps, scheduler=scheduler_name, correction=identity,
+               correction_window=window, progress=False)
+    scheduler = make_scheduler(ldm.scheduler, scheduler_name)
+    scheduler.set_timesteps(steps)
+    assert len(scheduler.timesteps) == 2 * steps - 1
+    # Steps 0, 1 and 2 of 10, each with both of its UNet calls: the first 5 schedule entries, not the first 3.
+    assert seen == [float(t) for t in scheduler.timesteps[:5]]
+    euler = make_scheduler(ldm.scheduler, "EulerDiscreteScheduler")
+    euler.set_timesteps(steps)
+    first_order = [float(t) for t in euler.timesteps[:3]]
+    if scheduler_name == "HeunDiscreteScheduler":  # the same noise levels as a first-order scheduler
+        assert sorted(set(seen), reverse=True) == pytest.approx(first_order)
+    low, high = window_timestep_range(window, 1000)
+    assert all(low - 50 <= t < high for t in seen), (seen, low, high)
+    assert min(seen) >= float(euler.timesteps[3]), "no entry past step 2 is corrected"
 
 
 def test_correction_hook_is_called_inside_the_window_only(ldm: FrozenLDM) -> None:

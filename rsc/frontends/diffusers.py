@@ -37,7 +37,7 @@ from torch import Tensor
 
 from rsc.export import BackboneConfigs, load_refiner_for
 from rsc.refiner import LatentRefiner, RefinerCorrection
-from rsc.sampling import correct_latents, correction_step_indices
+from rsc.sampling import correct_latents, correction_step_indices, correction_timestep_indices
 
 
 class RefinerCallback(PipelineCallback):
@@ -45,7 +45,9 @@ class RefinerCallback(PipelineCallback):
 
     ``c`` are the pipeline's conditional prompt embeddings (the second half of
     ``prompt_embeds`` under classifier-free guidance). Step ``i`` is corrected
-    when ``start <= i / num_inference_steps < end`` (:func:`rsc.sampling.correction_step_indices`);
+    when ``start <= i / num_inference_steps < end`` (:func:`rsc.sampling.correction_step_indices`;
+    order-2 schedulers such as Heun, with two schedule entries a step, correct both entries of
+    those steps, :func:`rsc.sampling.correction_timestep_indices`);
     in img2img, ``i`` counts from the start of the full schedule, so the
     refiner corrects the noise levels it was trained on. The first step of an
     img2img run cannot be corrected (it starts from the pipeline's own noised
@@ -163,7 +165,8 @@ class RefinerCallback(PipelineCallback):
         # img2img runs the tail of the full schedule; count steps from the full schedule's start.
         offset = len(schedule) - pipeline.num_timesteps
         num_steps = getattr(scheduler, "num_inference_steps", None) or len(schedule)
-        corrected = self.corrected_steps(num_steps)
+        # Entries of the schedule, as rsc's sampler counts them (order-2 schedulers have ~2 a step).
+        corrected = correction_timestep_indices(len(schedule), num_steps, self.correction_window)
         if step_index == 0:
             if offset == 0 and 0 in corrected and self.strength != 0 and not self._initial_corrected:
                 warnings.warn(
