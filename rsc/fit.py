@@ -10,8 +10,6 @@ line or environment variables (``RSC_FIT_MODEL__LEARNING_RATE=...``, below a
 
 from __future__ import annotations
 
-import sys
-
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.preference import PreferenceDataModule
@@ -46,4 +44,4 @@ def main(args: list[str] | None = None) -> RSCLightningCLI:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()  # LightningCLI reads sys.argv itself

@@ -1,9 +1,9 @@
 """The latent refiner R_theta(z_t, t, c) -> delta: the only trained network in rsc.
 
 A small residual conv net at the latent resolution, conditioned on the
-timestep (sinusoidal embedding + MLP) and on the prompt (mean-pooled text
-embeddings, projected), both injected into every block as a FiLM scale and
-shift. Its output convolution starts at zero, so an untrained refiner is the
+timestep (sinusoidal embedding + MLP) and on the prompt (attention-pooled
+token embeddings, projected), both injected into every block as a FiLM scale
+and shift. Its output convolution starts at zero, so an untrained refiner is the
 identity correction. Saved as ``refiner.safetensors`` + ``config.json``.
 """
 
@@ -85,6 +85,12 @@ class LatentRefiner(nn.Module):
         c = self.config
         self.time_proj = Timesteps(c.embedding_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(c.embedding_dim, c.embedding_dim)
+        # Attention pooling: a learned score per token. The words that carry an attribute
+        # (a group, a gender) are a few tokens of 77; a mean dilutes them. Zero-initialised,
+        # so pooling starts as the plain mean.
+        self.text_token_score = nn.Sequential(nn.LayerNorm(c.text_embedding_dim), nn.Linear(c.text_embedding_dim, 1))
+        nn.init.zeros_(self.text_token_score[1].weight)
+        nn.init.zeros_(self.text_token_score[1].bias)
         self.text_projection = nn.Sequential(
             nn.LayerNorm(c.text_embedding_dim), nn.Linear(c.text_embedding_dim, c.embedding_dim)
         )
@@ -111,12 +117,17 @@ class LatentRefiner(nn.Module):
         dtype = self.conv_in.weight.dtype
         timesteps = timesteps.reshape(-1).expand(latents.shape[0]) if timesteps.numel() == 1 else timesteps
         embedding = self.time_embedding(self.time_proj(timesteps.to(latents.device)).to(dtype))
-        embedding = embedding + self.text_projection(text_embeddings.to(dtype).mean(dim=1))
+        embedding = embedding + self.text_projection(self.pool_text(text_embeddings.to(dtype)))
         embedding = nn.functional.silu(embedding)
         h = self.conv_in(latents.to(dtype))
         for block in self.blocks:
             h = block(h, embedding)
         return self.conv_out(nn.functional.silu(self.norm_out(h))).to(latents.dtype)
+
+    def pool_text(self, text_embeddings: Tensor) -> Tensor:
+        """Attention-pool token embeddings (B, L, D) -> (B, D) with the learned per-token scores."""
+        weights = self.text_token_score(text_embeddings).softmax(dim=1)
+        return (weights * text_embeddings).sum(dim=1)
 
     def num_parameters(self) -> int:
         """Number of parameters."""

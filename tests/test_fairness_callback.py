@@ -23,25 +23,6 @@ from rsc.toy.world import SHIPPED_WORLD_DIR, load_toy_world
 SEEDS, STEPS, GUIDANCE = 4, 10, 7.0
 REPO = Path(__file__).resolve().parents[1]
 
-# The block for configs/toy.yaml's trainer.callbacks (kept here so the test proves LightningCLI builds it).
-TOY_CALLBACK_YAML = """
-- class_path: callbacks.fairness.FairnessValidation
-  init_args:
-    classifier:
-      class_path: rsc.classifiers.ToyClassifier
-      init_args:
-        path: rsc/toy/world/classifier
-    prompts:
-""" + "".join(
-    f"      - {{prompt: {prompt}, group: {group}, gender: {gender}}}\n" for prompt, group, gender in toy_prompts()
-) + """    seeds: 8
-    every_n_val_epochs: 2
-    steps: 20
-    guidance_scale: 7.0
-    batch_size: 64
-    lpips_backbone_weights: auto
-"""
-
 
 @pytest.fixture(scope="module")
 def world():  # noqa: ANN201
@@ -162,7 +143,7 @@ def test_shards_cover_every_item_once(world) -> None:  # noqa: ANN001
     assert single.group_ids.tolist() == [-1, -1, -1, 0, 0, 0, 0, 0, 0]
 
 
-def test_the_toy_yaml_block_builds_the_callback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_demo_config_builds_the_callback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import yaml
 
     from datamodules.preference import PreferenceDataModule
@@ -171,7 +152,6 @@ def test_the_toy_yaml_block_builds_the_callback(tmp_path: Path, monkeypatch: pyt
     monkeypatch.chdir(REPO)  # the config's paths are relative to the repository, as in the demo
     config = yaml.safe_load((REPO / "configs" / "toy.yaml").read_text())
     config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "ModelCheckpoint" not in c["class_path"]]
-    config["trainer"]["callbacks"] += yaml.safe_load(TOY_CALLBACK_YAML)
     config["trainer"].update(logger=False, default_root_dir=str(tmp_path))
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     cli = RSCLightningCLI(RSCorrector, PreferenceDataModule, run=False, args=["--config", str(tmp_path / "config.yaml")])

@@ -39,6 +39,20 @@ def test_refiner_depends_on_timestep_and_prompt_once_trained() -> None:
     assert (refiner(latents, torch.tensor(100), text) - base).abs().max() == 0  # scalar t broadcasts
 
 
+def test_text_pooling_starts_as_the_mean_and_learns_to_attend() -> None:
+    refiner = _small_refiner()
+    text = torch.randn(2, 5, 32)
+    torch.testing.assert_close(refiner.pool_text(text), text.mean(dim=1))
+    # A score that singles out token 3 (its embedding has a large first coordinate) pools ~that token.
+    text[:, 3, 0] = 50.0
+    with torch.no_grad():
+        refiner.text_token_score[0].weight.fill_(1.0)
+        refiner.text_token_score[0].bias.zero_()
+        refiner.text_token_score[1].weight.zero_()
+        refiner.text_token_score[1].weight[0, 0] = 10.0
+    torch.testing.assert_close(refiner.pool_text(text), text[:, 3], atol=1e-3, rtol=0)
+
+
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
     refiner = _small_refiner()
     torch.nn.init.normal_(refiner.conv_out.weight, std=0.1)

@@ -1,0 +1,76 @@
+"""End to end: the demo config trains a refiner that corrects the toy world's planted stereotype.
+
+This is the acceptance test of the method: ``configs/toy.yaml`` as shipped (only its output
+folders moved to a temporary directory) is fitted on the shipped toy world, and the efficacy
+report written at the end of fit must pass every check (stereotype rate of the targeted groups
+at most a third of the uncorrected rate, group match >= 0.85 everywhere, targeted gender
+consistency up, non-targeted SSIM >= 0.9), and the fairness validation callback of the same run
+must report the same direction on its own smaller sample.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from callbacks.fairness import FairnessValidation
+from rsc.fit import main as fit_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _relocated_demo_config(run_dir: Path, cache: Path) -> Path:
+    config = yaml.safe_load((REPO / "configs" / "toy.yaml").read_text())
+    trainer = config["trainer"]
+    trainer["default_root_dir"] = str(run_dir)
+    trainer["enable_progress_bar"] = False
+    trainer["logger"]["init_args"]["save_dir"] = str(run_dir)
+    for callback in trainer["callbacks"]:
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"]["dirpath"] = str(run_dir / "checkpoints")
+        if callback["class_path"].endswith("ToyEfficacyReport"):
+            callback.setdefault("init_args", {})["world"] = str(REPO / "rsc" / "toy" / "world")
+        if callback["class_path"].endswith("FairnessValidation"):
+            callback["init_args"]["classifier"]["init_args"]["path"] = str(REPO / "rsc" / "toy" / "world" / "classifier")
+    config["model"]["backbone"] = str(REPO / "rsc" / "toy" / "world" / "sd")
+    config["data"].update(dataset=str(REPO / "rsc" / "toy" / "world" / "preferences"), cache_dir=str(cache), progress=False)
+    path = run_dir.parent / "toy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_demo_fit_corrects_the_toy_stereotype(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cli = fit_main(["--config", str(_relocated_demo_config(run, tmp_path / "cache"))])
+    efficacy_files = sorted(run.rglob("efficacy.json"))
+    assert len(efficacy_files) == 1, efficacy_files
+    report = json.loads(efficacy_files[0].read_text())
+    groups = report["per_group"]
+    targeted = [name for name, row in groups.items() if row["targeted"]]
+    assert sorted(targeted) == ["belor", "dovek"]
+    for name in targeted:
+        before, after = groups[name]["stereotype_rate"]
+        assert before >= 0.8, f"{name}: the uncorrected toy SD should show its planted stereotype ({before})"
+        assert after <= before / 3, f"{name}: stereotype rate {before:.2f} -> {after:.2f}"
+        assert groups[name]["gender_consistency"][1] > groups[name]["gender_consistency"][0], name
+    for name, row in groups.items():
+        assert row["group_match"][1] >= 0.85, f"{name}: group match {row['group_match']}"
+        if not row["targeted"]:
+            assert row["ssim"] >= 0.9, f"{name}: non-targeted images changed too much (SSIM {row['ssim']:.3f})"
+    assert all(report["checks"].values()), report["checks"]
+    assert (efficacy_files[0].parent / "refiner" / "refiner.safetensors").is_file()
+
+    # The validation callback's metrics (8 seeds per prompt, the last validation) tell the same story.
+    [fairness] = [c for c in cli.trainer.callbacks if isinstance(c, FairnessValidation)]
+    values = fairness.last_values
+    for name in targeted:
+        assert values[f"val/stereotype_rate/{name}"] < values[f"val/stereotype_rate_uncorrected/{name}"] / 2, name
+    for name in groups:
+        if not groups[name]["targeted"]:
+            # At most one of its 16 images may flip.
+            assert values[f"val/stereotype_rate/{name}"] <= values[f"val/stereotype_rate_uncorrected/{name}"] + 1 / 16, name
+            assert values[f"val/ssim/{name}"] >= 0.85, name
