@@ -55,6 +55,11 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
     return {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in sorted(folder.iterdir())}
 
 
+def _same_image(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> bool:
+    """Equal up to one grey level: another batch composition changes float rounding (~1e-6), which can flip a uint8."""
+    return int(np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max()) <= 1
+
+
 def test_writes_images_sidecars_and_comparisons(refiner_dir: Path, prompts_file: Path, tiny_sd_dir: Path,
                                                 tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -81,12 +86,12 @@ def test_writes_images_sidecars_and_comparisons(refiner_dir: Path, prompts_file:
                        correction_window=(0.0, 0.5), **kwargs).to_pil()[0]
     plain = sample(ldm, ["a dog on a beach"], [0], **kwargs).to_pil()[0]
     image = Image.open(out / f"{stems[2]}.png")
-    assert np.array_equal(np.asarray(image), np.asarray(corrected))
+    assert _same_image(image, corrected)
     comparison = Image.open(out / f"{stems[2]}_compare.png")
     assert comparison.size == (64 + 4 + 64, 64)
-    assert np.array_equal(np.asarray(comparison)[:, :64], np.asarray(plain))
-    assert np.array_equal(np.asarray(comparison)[:, 68:], np.asarray(corrected))
-    assert not np.array_equal(np.asarray(plain), np.asarray(corrected))
+    assert _same_image(np.asarray(comparison)[:, :64], plain)
+    assert _same_image(np.asarray(comparison)[:, 68:], corrected)
+    assert not _same_image(plain, corrected)
 
 
 def test_resumes_only_what_is_missing(refiner_dir: Path, prompts_file: Path, tmp_path: Path,
