@@ -63,6 +63,16 @@ def test_print_config_of_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
     assert printed["data"]["dataset"] == "rsc/toy/world/preferences"
 
 
+@pytest.mark.parametrize("name", ["sd15.yaml", "sd21.yaml"])
+def test_real_backbone_configs_parse(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        fit_main(["--config", str(REPO / "configs" / name), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["precision"] == "bf16-mixed" and printed["model"]["gradient_checkpointing"] is True
+    assert printed["model"]["correction_window"] == [0.2, 0.5] and printed["data"]["batch_size"] >= 1
+
+
 def test_environment_overrides(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("RSC_FIT_MODEL__BACKBONE", "some/backbone")
     monkeypatch.setenv("RSC_FIT_MODEL__LEARNING_RATE", "0.123")
