@@ -58,7 +58,7 @@ from rsc.classifiers.aesthetic import LaionAestheticPredictor
 from rsc.classifiers.base import AttributeClassifier, module_device
 from rsc.classifiers.clip import CLIPEncoder
 from rsc.classifiers.faces import MTCNNFaces
-from rsc.images import labelled_grid
+from rsc.images import before_after_grid
 from rsc.sampling import sample
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -433,18 +433,11 @@ class FairnessValidation(Callback):
         return values
 
     def _save_grid(self, trainer: L.Trainer, shard: _Shard, uncorrected: Tensor, corrected: Tensor, out_dir: Path) -> None:
-        rows: list[Tensor] = []
-        labels: list[str] = []
         sections = [(group, shard.group_ids == index) for index, group in enumerate(self.groups)]
         sections += [(key, torch.tensor([k == key for k in shard.keys], dtype=torch.bool)) for key in self.neutral]
-        for name, mask in sections:
-            picks = torch.nonzero(mask).flatten()[: self.grid_images_per_group]
-            if len(picks):
-                rows += [uncorrected[picks], corrected[picks]]
-                labels += [f"{name} before", f"{name} after"]
-        if not rows:
+        grid = before_after_grid(uncorrected, corrected, sections, self.grid_images_per_group)
+        if grid is None:
             return
-        grid = labelled_grid(rows, labels)
         out_dir.mkdir(parents=True, exist_ok=True)
         grid.save(out_dir / f"epoch={trainer.current_epoch:03d}-step={trainer.global_step:06d}.png")
         for logger in trainer.loggers:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import lightning as L
@@ -49,7 +48,7 @@ class ToyEfficacyReport(Callback):
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
             return
-        from rsc.images import labelled_grid
+        from rsc.images import before_after_grid
         from rsc.toy.evaluate import efficacy_report, format_efficacy, sample_toy_prompts
         from rsc.toy.faces import GROUPS
         from rsc.toy.world import load_toy_world
@@ -78,9 +77,5 @@ class ToyEfficacyReport(Callback):
         print("\nToy efficacy (same prompts and seeds; before -> after the correction):")
         print(format_efficacy(self.report))
         write_json_atomic(out_dir / "efficacy.json", self.report)
-        rows, labels = [], []
-        for index, group in enumerate(GROUPS):
-            picks = [i for i in range(len(uncorrected.prompts)) if uncorrected.groups[i] == index][:8]
-            rows += [uncorrected.images[picks], corrected.images[picks]]
-            labels += [f"{group} before", f"{group} after"]
-        labelled_grid(rows, labels).save(os.path.join(out_dir, "efficacy.png"))
+        sections = [(group, torch.from_numpy(uncorrected.groups == index)) for index, group in enumerate(GROUPS)]
+        before_after_grid(uncorrected.images, corrected.images, sections, per_section=8).save(out_dir / "efficacy.png")

@@ -7,7 +7,7 @@ outputs).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -56,3 +56,21 @@ def labelled_grid(
             tile = Image.fromarray(array).resize((width, height), Image.Resampling.NEAREST)
             canvas.paste(tile, (label_width + padding + column * (width + padding), top))
     return canvas
+
+
+def before_after_grid(
+    uncorrected: Tensor, corrected: Tensor, sections: Iterable[tuple[str, Tensor]], per_section: int
+) -> Image.Image | None:
+    """Per section, its first ``per_section`` uncorrected images in a row above the same images corrected.
+
+    ``uncorrected`` and ``corrected`` are (N, 3, H, W) in [0, 1], image ``i`` the same prompt and seed in
+    both; each section is a name and an (N,) bool mask. Empty sections are left out; ``None`` when all are.
+    """
+    rows: list[Tensor] = []
+    labels: list[str] = []
+    for name, mask in sections:
+        picks = torch.nonzero(torch.as_tensor(mask, dtype=torch.bool)).flatten()[:per_section]
+        if len(picks):
+            rows += [uncorrected[picks], corrected[picks]]
+            labels += [f"{name} before", f"{name} after"]
+    return labelled_grid(rows, labels) if rows else None
