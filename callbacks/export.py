@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
-
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from rsc.export import BackboneConfigs, ExportInfo, export_refiner
-
-
-def training_data_identity(trainer: L.Trainer) -> dict[str, Any] | None:
-    """``{"dataset": ...}`` from the fitted datamodule's hyper-parameters, if it records one."""
-    dataset = getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("dataset")
-    return None if dataset is None else {"dataset": str(dataset)}
+from rsc.export import BackboneConfigs, ExportInfo, export_refiner, training_data_identity
 
 
 class ExportRefiner(Callback):
@@ -43,7 +35,7 @@ class ExportRefiner(Callback):
         info = ExportInfo.from_training(
             {**pl_module.hparams, **pl_module.export_config()},
             BackboneConfigs.from_components(ldm.unet, ldm.text_encoder, ldm.scheduler),
-            training_data_identity(trainer),
+            training_data_identity(getattr(getattr(trainer, "datamodule", None), "hparams", None)),
         )
         self.exported_to = export_refiner(pl_module.refiner, root, info)
         print(f"refiner exported to {root}")

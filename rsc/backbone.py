@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 SD_PIPELINE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+# The backbone dtypes a config or command line can name.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass

@@ -791,6 +791,12 @@ def refiner_from_checkpoint(checkpoint: Mapping[str, Any], backbone: BackboneCon
     return refiner
 
 
+def training_data_identity(datamodule_hparams: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``{"dataset": ...}`` from a preference datamodule's hyper-parameters, if they name one."""
+    dataset = (datamodule_hparams or {}).get("dataset")
+    return None if dataset is None else {"dataset": str(dataset)}
+
+
 def export_checkpoint(
     checkpoint_path: str | os.PathLike[str],
     directory: str | os.PathLike[str],
@@ -807,8 +813,8 @@ def export_checkpoint(
     if "backbone" not in hparams:
         raise ValueError(f"{checkpoint_path}: hyper_parameters name no backbone; pass --backbone")
     configs = BackboneConfigs.from_source(hparams["backbone"], config=hparams.get("backbone_config"))
-    dataset = (checkpoint.get("datamodule_hyper_parameters") or {}).get("dataset")
-    info = ExportInfo.from_training(hparams, configs, None if dataset is None else {"dataset": str(dataset)})
+    data = training_data_identity(checkpoint.get("datamodule_hyper_parameters"))
+    info = ExportInfo.from_training(hparams, configs, data)
     return export_refiner(refiner_from_checkpoint(checkpoint, configs), directory, info)
 
 

@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 
 from rsc import __version__
 from rsc.atomic import atomic_path, write_json_atomic
+from rsc.backbone import DTYPES
 from rsc.export import BackboneConfigs, ExportInfo, load_refiner_for
 from rsc.refiner import CONFIG_NAME
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Sidecar fields that define an image: a finished image with other values is not this run's.
 IDENTITY_FIELDS = (
     "prompt", "seed", "steps", "guidance", "strength", "correction_window", "scheduler", "negative_prompt",
@@ -158,15 +158,15 @@ def generate(
         raise ValueError("no seeds: pass --seeds or --num-per-prompt >= 1")
     if batch_size < 1 or steps < 1:
         raise ValueError(f"--batch-size and --steps must be >= 1, got {batch_size} and {steps}")
-    if dtype not in _DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     refiner_dir = Path(refiner)
     info = ExportInfo.from_config_file(refiner_dir / CONFIG_NAME)  # fails fast, before the backbone loads
     backbone = backbone or info.backbone
     out = Path(out)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ldm = FrozenLDM.from_pretrained(backbone, config=backbone_config, dtype=_DTYPES[dtype], device=device)
+    ldm = FrozenLDM.from_pretrained(backbone, config=backbone_config, dtype=DTYPES[dtype], device=device)
     exported = load_refiner_for(
         refiner_dir, BackboneConfigs.from_components(ldm.unet, ldm.text_encoder, ldm.scheduler),
         allow_mismatch=allow_backbone_mismatch, device=ldm.device,
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> GenerateSummary:
     parser.add_argument("--compare", action="store_true", help="also write uncorrected | corrected side by side")
     parser.add_argument("--overwrite", action="store_true", help="regenerate finished images too")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--allow-backbone-mismatch", action="store_true",
                         help="use the refiner with a backbone of another fingerprint or other weights, "
                         "e.g. a fine-tune (a deliberate transfer)")

@@ -8,12 +8,10 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from rsc.backbone import FrozenLDM
+from rsc.backbone import DTYPES, FrozenLDM
 from rsc.losses import PreferenceLoss, PreferenceLossOutput, per_sample_error
 from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection
 from rsc.sampling import window_timestep_range
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class RSCorrector(L.LightningModule):
@@ -66,10 +64,10 @@ class RSCorrector(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if backbone_dtype not in _DTYPES:
-            raise ValueError(f"backbone_dtype must be one of {sorted(_DTYPES)}, got {backbone_dtype!r}")
+        if backbone_dtype not in DTYPES:
+            raise ValueError(f"backbone_dtype must be one of {sorted(DTYPES)}, got {backbone_dtype!r}")
         self.save_hyperparameters()
-        self.ldm = FrozenLDM.from_pretrained(backbone, config=backbone_config, dtype=_DTYPES[backbone_dtype])
+        self.ldm = FrozenLDM.from_pretrained(backbone, config=backbone_config, dtype=DTYPES[backbone_dtype])
         if gradient_checkpointing:
             self.ldm.unet.enable_gradient_checkpointing()
         self.refiner = LatentRefiner(
