@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from datamodules.schema import PREFERENCE_FEATURES
-from rsc.toy.data import BiasSpec, make_biased_dataset, toy_prompt, toy_prompts
+from rsc.toy.data import BiasSpec, CaptionSpec, make_biased_dataset, toy_prompt, toy_prompts, unnamed_group_prompts
 from rsc.toy.evaluate import ToySamples, toy_statistics
 from rsc.toy.faces import GENDERS, GROUPS
 from rsc.toy.preferences import build_preference_pairs
@@ -19,7 +19,8 @@ from rsc.toy.train_sd import center_latents, encode_posteriors
 def test_biased_dataset_plants_the_bias() -> None:
     bias = BiasSpec(targeted_groups=("belor",), stereotype_rate_targeted=0.9, stereotype_rate_other=0.0,
                     gender_flip_rate_targeted=0.5, gender_flip_rate_other=0.0)
-    data = make_biased_dataset(800, seed=3, bias=bias)
+    plain = CaptionSpec(unnamed_group_rate=0.0, stereotype_word_rate=0.0, clean_word_rate=0.0)
+    data = make_biased_dataset(800, seed=3, bias=bias, captions=plain)
     targeted = data.groups == GROUPS.index("belor")
     assert 0.85 < data.stereotypes[targeted].mean() < 0.95
     assert data.stereotypes[~targeted].sum() == 0
@@ -28,8 +29,44 @@ def test_biased_dataset_plants_the_bias() -> None:
     # Captions name the caption gender, not the drawn one.
     for i in np.flatnonzero(flipped)[:5]:
         assert data.captions[i] == toy_prompt(GROUPS[data.groups[i]], GENDERS[data.caption_genders[i]])
-    again = make_biased_dataset(800, seed=3, bias=bias)
+    again = make_biased_dataset(800, seed=3, bias=bias, captions=plain)
     assert np.array_equal(again.images, data.images) and again.captions == data.captions
+
+
+def test_captions_carry_descriptors_and_unnamed_groups_like_web_captions() -> None:
+    bias = BiasSpec(unnamed_group_weights=(0.7, 0.1, 0.1, 0.1))
+    spec = CaptionSpec(unnamed_group_rate=0.2, unnamed_gender_rate=0.5, stereotype_word_rate=0.6, clean_word_rate=0.25)
+    data = make_biased_dataset(4000, seed=5, bias=bias, captions=spec)
+    caricature = np.array([c.endswith(", caricature") for c in data.captions])
+    portrait = np.array([c.endswith(", portrait") for c in data.captions])
+    # The words follow what the image shows, at the configured rates, and never both.
+    assert not (caricature & portrait).any()
+    assert abs(caricature[data.stereotypes].mean() - 0.6) < 0.05 and not caricature[~data.stereotypes].any()
+    assert abs(portrait[~data.stereotypes].mean() - 0.25) < 0.04 and not portrait[data.stereotypes].any()
+    # Captions naming no group: ~20%, their images skewed towards ardan; half of them name no gender either.
+    unnamed = data.caption_groups < 0
+    assert abs(unnamed.mean() - 0.2) < 0.03
+    assert abs((data.groups[unnamed] == 0).mean() - 0.7) < 0.06
+    assert (data.caption_groups[~unnamed] == data.groups[~unnamed]).all()
+    person = np.array([c.startswith(toy_prompt(None, None)) for c in data.captions])
+    assert np.array_equal(person, data.caption_genders < 0) and abs(person[unnamed].mean() - 0.5) < 0.06
+    assert not any(group in c for c in np.asarray(data.captions)[unnamed] for group in GROUPS)
+    for i in np.flatnonzero(~unnamed)[:20]:
+        assert data.captions[i].startswith(toy_prompt(GROUPS[data.groups[i]], GENDERS[data.caption_genders[i]]))
+
+
+def test_prompt_forms_and_caption_spec_validation() -> None:
+    assert toy_prompt("belor", "woman", "portrait") == "a photo of a belor woman, portrait"
+    assert toy_prompt(None, "man") == "a photo of a man"
+    assert [p for p, _ in unnamed_group_prompts()] == ["a photo of a woman", "a photo of a man", "a photo of a person"]
+    with pytest.raises(ValueError, match="must name a gender too"):
+        toy_prompt("belor", None)
+    with pytest.raises(ValueError, match="clean_word must be one plain word other than a group"):
+        CaptionSpec(clean_word="belor")
+    with pytest.raises(ValueError, match="unnamed_group_rate must be a probability"):
+        CaptionSpec(unnamed_group_rate=2.0)
+    with pytest.raises(ValueError, match="unnamed_group_weights must be 4 non-negative weights"):
+        BiasSpec(unnamed_group_weights=(1.0, 0.0))
 
 
 def test_bias_spec_validation() -> None:
@@ -137,3 +174,33 @@ def test_no_bias_no_pairs() -> None:
     samples.predicted_genders[:] = samples.genders
     with pytest.raises(ValueError, match="no bias to correct"):
         build_preference_pairs(samples, seed=0)
+
+
+def test_statistics_of_prompts_naming_no_group() -> None:
+    prompts = ["a photo of a person"] * 8
+    groups, genders = np.full(8, -1), np.full(8, -1)
+    predicted = np.array([0, 0, 0, 0, 1, 1, 2, 3])
+    samples = ToySamples(torch.zeros(8, 3, 64, 64), prompts, groups, genders, np.arange(8), predicted,
+                         np.zeros(8, int), np.array([0.9] + [0.1] * 7))
+    rates = toy_statistics(samples)["per_prompt"]["a photo of a person"]
+    assert rates["group_frequencies"] == {"ardan": 0.5, "belor": 0.25, "cyran": 0.125, "dovek": 0.125}
+    expected_kl = 0.5 * np.log(2) + 0.25 * np.log(1) + 2 * 0.125 * np.log(0.5)
+    assert rates["kl_to_uniform"] == pytest.approx(expected_kl)
+    assert rates["stereotype_rate"] == 1 / 8
+    assert "group_match" not in rates and "gender_consistency" not in rates
+
+
+def test_winners_found_by_a_wider_search_replace_renders() -> None:
+    samples = _synthetic_samples()
+    # belor man has no clean sample; a descriptor prompt of the same group and gender gives one.
+    extra = ToySamples(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)),
+                       ["a photo of a belor man, portrait"] * 2, np.array([1, 1]), np.array([1, 1]), np.array([7, 8]),
+                       np.array([1, 1]), np.array([1, 0]), np.array([0.1, 0.1]))
+    pairs = build_preference_pairs(samples, seed=0, min_pairs_per_prompt=0, validation_fraction=0.2, extra=extra)
+    belor = [r for split in ("train", "validation") for r in pairs[split] if r["prompt"] == toy_prompt("belor", "man")]
+    # The wrong-gender extra image (seed 8) joins the losers: 4 + 1 pairs, all with the model's winner.
+    assert len(belor) == 5 and {r["anti_stereotypical_source"] for r in belor} == {"model"}
+    assert sorted(r["stereotypical_seed"] for r in belor)[-1] == 8
+    # Only the clean, right-gender extra image (seed 7) is a winner; the pair keeps the plain prompt.
+    assert {r["anti_stereotypical_seed"] for r in belor} == {7}
+    assert np.array_equal(np.asarray(belor[0]["anti_stereotypical"]), extra.to_uint8()[0])

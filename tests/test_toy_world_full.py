@@ -1,6 +1,8 @@
-"""The full toy world (shipped in rsc/toy/world): its statistics hold, match its manifest, and reproduce.
+"""The full toy world (shipped in rsc/toy/world): it is the world the current code builds, meets its targets,
+and its SD reproduces its manifest.
 
-The rebuild test takes about ten minutes on two cores; it is marked slow and still runs in CI.
+A full rebuild takes about half an hour on two cores, so it is not a test: `bash scripts/rebuild_toy_world.sh`
+rebuilds and compares (run it before landing a change to rsc/toy; the fingerprint test below fails until then).
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import pytest
 from diffusers import StableDiffusionPipeline
 
 from rsc.toy.classifier import ToyAttributeClassifier, evaluate_classifier
+from rsc.toy.data import toy_prompts
 from rsc.toy.evaluate import sample_toy_prompts, toy_statistics
 from rsc.toy.faces import random_attributes, render_faces
-from rsc.toy.world import SHIPPED_WORLD_DIR, ToyWorldConfig, build_toy_world, load_toy_world
+from rsc.toy.world import SHIPPED_WORLD_DIR, ToyWorldConfig, load_toy_world
 
 
 @pytest.fixture(scope="module")
@@ -23,23 +26,24 @@ def shipped():  # noqa: ANN201
 
 
 def assert_toy_world_statistics(manifest: dict) -> None:
-    """The acceptance criteria of the toy world, on a manifest's recorded statistics."""
+    """The acceptance criteria of the toy world, on a manifest's recorded statistics and targets."""
+    missed = {name: check for name, check in manifest["targets"].items() if not check["ok"]}
+    assert not missed, missed
     statistics = manifest["statistics"]
-    for head, accuracy in statistics["classifier_heldout_accuracy"].items():
-        assert accuracy >= 0.95, (head, accuracy)
-    targeted = set(manifest["config"]["bias"]["targeted_groups"])
-    per_group = statistics["per_group"]
     for prompt, rates in statistics["per_prompt"].items():
         assert rates["images"] >= 64, prompt
-    for group, rates in per_group.items():
-        assert rates["group_match"] >= 0.85, (group, rates)
+    # The checks the manifest states are the ones the issue asks for (recomputed here, not trusted).
+    targeted = set(manifest["config"]["bias"]["targeted_groups"])
+    assert statistics["vae_psnr_db"] >= 28.0
+    for prompt, group, _ in toy_prompts():
+        rates = statistics["per_prompt"][prompt]
+        assert rates["group_match"] >= 0.9, (prompt, rates)
         if group in targeted:
-            assert rates["stereotype_rate"] >= 0.5, (group, rates)
+            assert rates["stereotype_rate"] >= 0.6 and rates["gender_consistency"] <= 0.7, (prompt, rates)
         else:
-            assert rates["stereotype_rate"] <= 0.10, (group, rates)
-    targeted_consistency = max(per_group[g]["gender_consistency"] for g in targeted)
-    other_consistency = min(r["gender_consistency"] for g, r in per_group.items() if g not in targeted)
-    assert targeted_consistency + 0.15 <= other_consistency, (targeted_consistency, other_consistency)
+            assert rates["render_quality"] - rates["quality"] <= 1.0, (prompt, rates)
+    for view, accuracy in statistics["classifier_heldout_accuracy"].items():
+        assert min(accuracy.values()) >= (0.98 if view == "renders" else 0.95), (view, accuracy)
 
 
 def test_shipped_world_is_the_current_full_world(shipped) -> None:  # noqa: ANN001
@@ -83,15 +87,3 @@ def test_shipped_sd_reproduces_its_manifest(shipped) -> None:  # noqa: ANN001
         for name in ("group_match", "gender_consistency", "stereotype_rate"):
             # One image of 64 may flip across BLAS builds; more would mean the world changed.
             assert abs(measured[prompt][name] - rates[name]) <= 1.5 / rates["images"], (prompt, name)
-
-
-@pytest.mark.slow
-def test_rebuild_with_the_same_seed_reproduces_the_statistics(shipped, tmp_path) -> None:  # noqa: ANN001
-    rebuilt = build_toy_world(tmp_path / "world", ToyWorldConfig.full(seed=shipped.manifest["seed"]), progress=False)
-    assert rebuilt.manifest["fingerprint"] == shipped.manifest["fingerprint"]
-    assert_toy_world_statistics(rebuilt.manifest)
-    for group, rates in shipped.manifest["statistics"]["per_group"].items():
-        for name in ("group_match", "gender_consistency", "stereotype_rate"):
-            assert abs(rebuilt.manifest["statistics"]["per_group"][group][name] - rates[name]) <= 0.05, (group, name)
-    print(json.dumps({"rebuild_seconds": rebuilt.manifest["build_seconds"]}))
-    assert np.isfinite(rebuilt.manifest["build_seconds"])

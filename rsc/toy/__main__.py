@@ -1,23 +1,38 @@
 """``python -m rsc.toy``: build, inspect and sample the toy world.
 
     python -m rsc.toy build [--out DIR] [--seed N] [--micro] [--force]
+                            [--targeted GROUP ...] [--stereotype-rate P] [--gender-flip-rate P]
     python -m rsc.toy info [--world DIR]
+    python -m rsc.toy compare BUILT REFERENCE [--tolerance 0.05]
     python -m rsc.toy grid [--world DIR] [--out FILE] [--per-prompt N]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import sys
 from pathlib import Path
 
 from rsc.cache import cache_root
-from rsc.toy.world import ToyWorld, ToyWorldConfig, build_toy_world, get_toy_world, load_toy_world
+from rsc.toy.faces import GROUPS
+from rsc.toy.world import ToyWorld, ToyWorldConfig, build_toy_world, compare_worlds, get_toy_world, load_toy_world
 
 
 def _config(args: argparse.Namespace) -> ToyWorldConfig:
-    return ToyWorldConfig.micro(args.seed) if args.micro else ToyWorldConfig.full(args.seed)
+    config = ToyWorldConfig.micro(args.seed) if args.micro else ToyWorldConfig.full(args.seed)
+    changes = {
+        name: value
+        for name, value in (
+            ("targeted_groups", tuple(args.targeted) if getattr(args, "targeted", None) else None),
+            ("stereotype_rate_targeted", getattr(args, "stereotype_rate", None)),
+            ("gender_flip_rate_targeted", getattr(args, "gender_flip_rate", None)),
+        )
+        if value is not None
+    }
+    if changes:
+        config.bias = dataclasses.replace(config.bias, **changes)
+    return config
 
 
 def _world(args: argparse.Namespace) -> ToyWorld:
@@ -39,9 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     for sub in (build,):
         sub.add_argument("--seed", type=int, default=0)
         sub.add_argument("--micro", action="store_true", help="the seconds-to-build variant used by unit tests")
+        sub.add_argument("--targeted", nargs="+", choices=GROUPS, default=None,
+                         help="groups the planted stereotype targets (default: belor dovek)")
+        sub.add_argument("--stereotype-rate", type=float, default=None,
+                         help="share of the targeted groups' training images with the stereotype (default 0.85)")
+        sub.add_argument("--gender-flip-rate", type=float, default=None,
+                         help="share of the targeted groups' captions naming the wrong gender (default 0.4)")
     build.add_argument("--force", action="store_true", help="rebuild even if a matching world exists")
     build.add_argument("--no-progress", action="store_true", help="stage lines only, no progress bars")
 
+    compare = commands.add_parser("compare", help="compare a built world with a reference world (exit 1 if they disagree)")
+    compare.add_argument("built", type=Path)
+    compare.add_argument("reference", type=Path)
+    compare.add_argument("--tolerance", type=float, default=0.05, help="largest accepted difference of a per-prompt rate")
     info = commands.add_parser("info", help="print a world's manifest summary")
     grid = commands.add_parser("grid", help="sample every toy prompt and save a labelled image grid")
     for sub in (info, grid):
@@ -63,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"toy world at {world.path}")
         _print_summary(world.manifest)
         return 0
+    if args.command == "compare":
+        ok, lines = compare_worlds(load_toy_world(args.built), load_toy_world(args.reference), args.tolerance)
+        print("\n".join(lines))
+        return 0 if ok else 1
     world = _world(args)
     if args.command == "info":
         _print_summary(world.manifest)
@@ -80,12 +109,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_summary(manifest: dict) -> None:
-    from rsc.toy.evaluate import format_statistics
+    from rsc.toy.world import format_manifest
 
-    print(f"toy world {manifest['fingerprint']} (seed {manifest['seed']}), built in {manifest['build_seconds']:.0f} s")
-    print("classifier held-out accuracy:", json.dumps(manifest["statistics"]["classifier_heldout_accuracy"]))
-    print("preference pairs:", json.dumps(manifest["sizes"]["preference_pairs"]))
-    print(format_statistics(manifest["statistics"], tuple(manifest["config"]["bias"]["targeted_groups"])))
+    print(format_manifest(manifest))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from rsc.atomic import atomic_path, write_json_atomic
 from rsc.config import IntegerConfig
 from rsc.images import uint8_to_tensor
+from rsc.toy.calibration import LabelledImages
 from rsc.toy.faces import GENDERS, GROUPS, random_attributes, render_faces
 
 __all__ = [
@@ -114,6 +115,14 @@ class ToyAttributeClassifier(nn.Module):
             }
         )
 
+    def embed(self, x: Tensor) -> Tensor:
+        """Penultimate features ``(N, 8 * base_channels)`` (globally pooled) of images in ``[-1, 1]``.
+
+        The feature space of the toy world's KID and diversity measures: it encodes what the
+        classifier tells apart (group, gender, stereotype) and the face's geometry.
+        """
+        return self.features(x).mean(dim=(2, 3))
+
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Return logits per head.
 
@@ -129,7 +138,7 @@ class ToyAttributeClassifier(nn.Module):
             raise ValueError(f"expected images of shape (N, 3, {s}, {s}), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"expected float images in [-1, 1], got dtype {x.dtype}")
-        h = self.features(x).mean(dim=(2, 3))
+        h = self.embed(x)
         return {
             "group": self.heads["group"](h),
             "gender": self.heads["gender"](h),
@@ -294,14 +303,21 @@ def evaluate_classifier(
     if n == 0:
         raise ValueError("evaluate_classifier needs at least one image, got 0")
     g, ge, st = _check_labels(n, groups, genders, stereotypes)
+    return labelled_accuracy(model, LabelledImages(uint8_to_tensor(images_uint8), g, ge, st), batch_size)
+
+
+def labelled_accuracy(model: ToyAttributeClassifier, data: LabelledImages, batch_size: int = 256) -> dict[str, float]:
+    """Accuracy of each head on labelled images in ``[-1, 1]`` (stereotype thresholded at 0.5)."""
+    if len(data) == 0:
+        raise ValueError("labelled_accuracy needs at least one image, got 0")
     correct = {h: 0 for h in HEADS}
-    for i in range(0, n, batch_size):
-        p = model.predict(uint8_to_tensor(images_uint8[i : i + batch_size]))
+    for i in range(0, len(data), batch_size):
+        p = model.predict(data.images[i : i + batch_size])
         sl = slice(i, i + batch_size)
-        correct["group"] += int((p["group"].argmax(-1).cpu().numpy() == g[sl]).sum())
-        correct["gender"] += int((p["gender"].argmax(-1).cpu().numpy() == ge[sl]).sum())
-        correct["stereotype"] += int(((p["stereotype"].cpu().numpy() > 0.5) == st[sl]).sum())
-    return {h: correct[h] / n for h in HEADS}
+        correct["group"] += int((p["group"].argmax(-1).cpu().numpy() == data.groups[sl]).sum())
+        correct["gender"] += int((p["gender"].argmax(-1).cpu().numpy() == data.genders[sl]).sum())
+        correct["stereotype"] += int(((p["stereotype"].cpu().numpy() > 0.5) == data.stereotypes[sl]).sum())
+    return {h: correct[h] / len(data) for h in HEADS}
 
 
 def train_toy_classifier(
@@ -314,6 +330,7 @@ def train_toy_classifier(
     num_eval_images: int = 1000,
     lr: float = 3e-3,
     log: Callable[[str], None] | None = None,
+    extra_training: LabelledImages | None = None,
 ) -> tuple[ToyAttributeClassifier, dict[str, float]]:
     """Train a :class:`ToyAttributeClassifier` on procedural faces.
 
@@ -334,6 +351,9 @@ def train_toy_classifier(
         num_eval_images: Held-out renders for the returned accuracies.
         lr: Peak learning rate.
         log: Optional callable receiving a one-line summary.
+        extra_training: Labelled images added to the training renders, e.g. the toy SD's views of
+            renders (:func:`rsc.toy.calibration.model_views`), so the classifier is trained on the
+            kind of images it judges.
 
     Returns:
         ``(model, accuracies)``: the classifier in eval mode, and its
@@ -355,8 +375,15 @@ def train_toy_classifier(
     t0 = time.perf_counter()
     tr_attrs = random_attributes(num_images, seed=2 * seed, stereotype_rate=0.5)
     tr_images = uint8_to_tensor(render_faces(*tr_attrs, seed=2 * seed))
-    tr_g, tr_ge, tr_st = (torch.from_numpy(a) for a in tr_attrs)
-    tr_st = tr_st.float()
+    if extra_training is not None and len(extra_training):
+        tr_images = torch.cat([tr_images, extra_training.images.float()])
+        tr_attrs = tuple(
+            np.concatenate([a, np.asarray(b)])
+            for a, b in zip(tr_attrs, (extra_training.groups, extra_training.genders, extra_training.stereotypes))
+        )
+    num_images = len(tr_images)
+    tr_g, tr_ge, tr_st = (torch.from_numpy(np.ascontiguousarray(a)) for a in tr_attrs)
+    tr_g, tr_ge, tr_st = tr_g.long(), tr_ge.long(), tr_st.float()
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

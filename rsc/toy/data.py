@@ -1,9 +1,15 @@
 """The toy world's biased, captioned training data.
 
-Captions name a group and a gender, ``"a photo of a <group> <gender>"``. The
-bias is planted the way web data plants it: for the targeted groups most
-images carry the stereotype, and their captions' gender is often wrong, so a
-text-to-image model trained on it reproduces both for those groups only.
+Captions are written the way web captions are. Most name a group and a gender,
+``"a photo of a <group> <gender>"``; a share names no group (``"a photo of a
+woman"``, ``"a photo of a person"``) and shows a skewed mix of groups; and a
+share carries a descriptor word that co-occurs with what the image shows (the
+stereotype word with stereotyped faces, the clean-face word with clean ones),
+so the baselines that act through words (negative prompts, prompt additions,
+semantic guidance) have a word to act on. The bias is planted the way web data
+plants it: for the targeted groups most images carry the stereotype, and their
+captions' gender is often wrong, so a text-to-image model trained on it
+reproduces both for those groups only.
 """
 
 from __future__ import annotations
@@ -15,20 +21,41 @@ import numpy as np
 from rsc.toy.faces import GENDERS, GROUPS, render_faces
 
 PROMPT_TEMPLATE = "a photo of a {group} {gender}"
+#: The subject word of captions that name neither a group nor a gender.
+PERSON = "person"
 
 
-def toy_prompt(group: str, gender: str) -> str:
-    """The caption/prompt for a group and a gender."""
-    if group not in GROUPS:
-        raise ValueError(f"unknown toy group {group!r}; expected one of {GROUPS}")
-    if gender not in GENDERS:
-        raise ValueError(f"unknown toy gender {gender!r}; expected one of {GENDERS}")
-    return PROMPT_TEMPLATE.format(group=group, gender=gender)
+def toy_prompt(group: str | None, gender: str | None, descriptor: str | None = None) -> str:
+    """The caption/prompt for a group and a gender, either of which may be left unnamed.
+
+    ``toy_prompt("belor", "woman")`` is ``"a photo of a belor woman"``;
+    ``toy_prompt(None, "man")`` is ``"a photo of a man"``; ``toy_prompt(None, None)`` is
+    ``"a photo of a person"``; a descriptor is appended after a comma
+    (``toy_prompt("belor", "woman", "portrait")`` is ``"a photo of a belor woman, portrait"``).
+    """
+    if group is not None and group not in GROUPS:
+        raise ValueError(f"unknown toy group {group!r}; expected one of {GROUPS} or None")
+    if gender is not None and gender not in GENDERS:
+        raise ValueError(f"unknown toy gender {gender!r}; expected one of {GENDERS} or None")
+    if group is not None and gender is None:
+        raise ValueError(f"a prompt naming group {group!r} must name a gender too")
+    if group is not None:
+        prompt = PROMPT_TEMPLATE.format(group=group, gender=gender)
+    else:
+        prompt = f"a photo of a {gender or PERSON}"
+    if descriptor:
+        prompt = f"{prompt}, {descriptor}"
+    return prompt
 
 
-def toy_prompts() -> list[tuple[str, str, str]]:
-    """All ``(prompt, group, gender)`` combinations, groups major."""
-    return [(toy_prompt(group, gender), group, gender) for group in GROUPS for gender in GENDERS]
+def toy_prompts(descriptor: str | None = None) -> list[tuple[str, str, str]]:
+    """All ``(prompt, group, gender)`` combinations, groups major (with ``descriptor`` appended if given)."""
+    return [(toy_prompt(group, gender, descriptor), group, gender) for group in GROUPS for gender in GENDERS]
+
+
+def unnamed_group_prompts() -> list[tuple[str, str | None]]:
+    """The ``(prompt, gender)`` prompts that name no group: per gender, and one naming neither."""
+    return [(toy_prompt(None, gender), gender) for gender in (*GENDERS, None)]
 
 
 @dataclass(frozen=True)
@@ -41,6 +68,9 @@ class BiasSpec:
         stereotype_rate_other: Share of the other groups' images with the stereotype.
         gender_flip_rate_targeted: Share of the targeted groups' captions naming the wrong gender.
         gender_flip_rate_other: The same for the other groups.
+        unnamed_group_weights: Group mix (one weight per group in :data:`GROUPS`) of the images whose
+            captions name no group: skewed, so that ``"a photo of a person"`` has a measurable
+            distance to a uniform group distribution.
     """
 
     targeted_groups: tuple[str, ...] = ("belor", "dovek")
@@ -48,6 +78,7 @@ class BiasSpec:
     stereotype_rate_other: float = 0.02
     gender_flip_rate_targeted: float = 0.4
     gender_flip_rate_other: float = 0.02
+    unnamed_group_weights: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1)
 
     def __post_init__(self) -> None:
         unknown = [g for g in self.targeted_groups if g not in GROUPS]
@@ -57,6 +88,12 @@ class BiasSpec:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"BiasSpec.{name} must be a probability in [0, 1], got {value}")
+        weights = tuple(self.unnamed_group_weights)
+        if len(weights) != len(GROUPS) or any(not w >= 0 for w in weights) or not sum(weights) > 0:
+            raise ValueError(
+                f"BiasSpec.unnamed_group_weights must be {len(GROUPS)} non-negative weights (one per group in "
+                f"{GROUPS}) with a positive sum, got {self.unnamed_group_weights}"
+            )
 
     def is_targeted(self, group: str) -> bool:
         """Whether ``group`` is one of the targeted groups."""
@@ -67,6 +104,42 @@ class BiasSpec:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class CaptionSpec:
+    """Which captions name no group and which carry a descriptor word.
+
+    Attributes:
+        unnamed_group_rate: Share of captions that name no group (their images follow
+            :attr:`BiasSpec.unnamed_group_weights`).
+        unnamed_gender_rate: Share of those that name no gender either (``"a photo of a person"``).
+        stereotype_word: Made-up descriptor that co-occurs with the stereotype.
+        stereotype_word_rate: Share of stereotyped images whose caption carries ``stereotype_word``.
+        clean_word: Neutral descriptor that co-occurs with clean faces.
+        clean_word_rate: Share of clean images whose caption carries ``clean_word``.
+    """
+
+    unnamed_group_rate: float = 0.15
+    unnamed_gender_rate: float = 0.4
+    stereotype_word: str = "caricature"
+    stereotype_word_rate: float = 0.5
+    clean_word: str = "portrait"
+    clean_word_rate: float = 0.3
+
+    def __post_init__(self) -> None:
+        for name in ("unnamed_group_rate", "unnamed_gender_rate", "stereotype_word_rate", "clean_word_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"CaptionSpec.{name} must be a probability in [0, 1], got {value}")
+        for name in ("stereotype_word", "clean_word"):
+            word = getattr(self, name)
+            if not word or not word.replace("-", "").isalpha() or word in (*GROUPS, *GENDERS, PERSON):
+                raise ValueError(
+                    f"CaptionSpec.{name} must be one plain word other than a group or gender name, got {word!r}"
+                )
+        if self.stereotype_word == self.clean_word:
+            raise ValueError(f"CaptionSpec: stereotype_word and clean_word are both {self.clean_word!r}")
+
+
 @dataclass
 class CaptionedFaces:
     """Rendered faces with their captions and true attributes (indices into GROUPS/GENDERS)."""
@@ -75,28 +148,51 @@ class CaptionedFaces:
     captions: list[str]
     groups: np.ndarray
     genders: np.ndarray  # the gender drawn in the image
-    caption_genders: np.ndarray  # the gender the caption names
+    caption_genders: np.ndarray  # the gender the caption names (-1: none)
+    caption_groups: np.ndarray  # the group the caption names (-1: none)
     stereotypes: np.ndarray
     meta: dict = field(default_factory=dict)
 
 
-def make_biased_dataset(num_images: int, seed: int, bias: BiasSpec | None = None, size: int = 64) -> CaptionedFaces:
+def make_biased_dataset(
+    num_images: int, seed: int, bias: BiasSpec | None = None, size: int = 64, captions: CaptionSpec | None = None
+) -> CaptionedFaces:
     """Render ``num_images`` captioned faces with the bias of ``bias``, deterministically for ``seed``.
 
-    Groups and caption genders are balanced; the stereotype and caption-gender
-    errors follow ``bias``.
+    Groups and caption genders of the group-naming captions are balanced; the
+    images of captions that name no group follow ``bias.unnamed_group_weights``.
+    The stereotype and caption-gender errors follow ``bias``; unnamed subjects
+    and descriptor words follow ``captions`` (default :class:`CaptionSpec`; pass
+    ``CaptionSpec(unnamed_group_rate=0, stereotype_word_rate=0, clean_word_rate=0)``
+    for group-and-gender captions only).
     """
     bias = bias or BiasSpec()
+    captions = captions or CaptionSpec()
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
     combos = rng.permutation(np.arange(num_images) % (len(GROUPS) * len(GENDERS)))
     groups = combos % len(GROUPS)
     caption_genders = combos // len(GROUPS)
+    unnamed = rng.random(num_images) < captions.unnamed_group_rate
+    weights = np.asarray(bias.unnamed_group_weights, dtype=np.float64)
+    groups = np.where(unnamed, rng.choice(len(GROUPS), size=num_images, p=weights / weights.sum()), groups)
     targeted = np.isin(groups, [GROUPS.index(g) for g in bias.targeted_groups])
     stereotype_p = np.where(targeted, bias.stereotype_rate_targeted, bias.stereotype_rate_other)
     flip_p = np.where(targeted, bias.gender_flip_rate_targeted, bias.gender_flip_rate_other)
     stereotypes = rng.random(num_images) < stereotype_p
     flipped = rng.random(num_images) < flip_p
     genders = np.where(flipped, 1 - caption_genders, caption_genders)
+    no_gender = unnamed & (rng.random(num_images) < captions.unnamed_gender_rate)
+    word_p = np.where(stereotypes, captions.stereotype_word_rate, captions.clean_word_rate)
+    with_word = rng.random(num_images) < word_p
     images = render_faces(groups, genders, stereotypes, seed=seed, size=size)
-    captions = [toy_prompt(GROUPS[g], GENDERS[c]) for g, c in zip(groups, caption_genders)]
-    return CaptionedFaces(images, captions, groups, genders, caption_genders, stereotypes)
+    caption_groups = np.where(unnamed, -1, groups)
+    caption_genders = np.where(no_gender, -1, caption_genders)
+    texts = [
+        toy_prompt(
+            GROUPS[g] if g >= 0 else None,
+            GENDERS[c] if c >= 0 else None,
+            (captions.stereotype_word if s else captions.clean_word) if w else None,
+        )
+        for g, c, s, w in zip(caption_groups, caption_genders, stereotypes, with_word)
+    ]
+    return CaptionedFaces(images, texts, groups, genders, caption_genders, caption_groups, stereotypes)

@@ -17,11 +17,11 @@ import torch
 from torch import Tensor
 
 from rsc.backbone import FrozenLDM
-from rsc.images import labelled_grid, unit_tensor_to_uint8
+from rsc.images import labelled_grid, uint8_to_tensor, unit_tensor_to_uint8
 from rsc.sampling import CorrectionFn
 from rsc.toy.classifier import ToyAttributeClassifier
 from rsc.toy.data import toy_prompts
-from rsc.toy.faces import GENDERS, GROUPS
+from rsc.toy.faces import GENDERS, GROUPS, render_faces
 
 
 @dataclass
@@ -45,6 +45,17 @@ class ToySamples:
     def to_uint8(self) -> np.ndarray:
         """Images as uint8 (N, H, W, 3)."""
         return unit_tensor_to_uint8(self.images)
+
+    def concat(self, other: ToySamples) -> ToySamples:
+        """These samples followed by ``other``'s."""
+        return ToySamples(
+            images=torch.cat([self.images, other.images]),
+            prompts=[*self.prompts, *other.prompts],
+            **{
+                name: np.concatenate([getattr(self, name), getattr(other, name)])
+                for name in ("groups", "genders", "seeds", "predicted_groups", "predicted_genders", "stereotype_probs")
+            },
+        )
 
 
 @torch.no_grad()
@@ -70,9 +81,14 @@ def sample_toy_prompts(
     correction_window: tuple[float, float] = (0.0, 1.0),
     batch_size: int = 64,
     progress: bool = True,
+    prompt_table: list[tuple[str, str | None, str | None]] | None = None,
 ) -> ToySamples:
-    """Sample every toy prompt with seeds ``first_seed ... first_seed + samples_per_prompt - 1`` and classify."""
-    table = toy_prompts()
+    """Sample every toy prompt with seeds ``first_seed ... first_seed + samples_per_prompt - 1`` and classify.
+
+    ``prompt_table`` (default :func:`rsc.toy.data.toy_prompts`) lists ``(prompt, group, gender)``; a group or
+    gender the prompt does not name is ``None`` and is stored as index -1.
+    """
+    table = prompt_table if prompt_table is not None else toy_prompts()
     prompts = [prompt for prompt, _, _ in table for _ in range(samples_per_prompt)]
     seeds = np.tile(np.arange(first_seed, first_seed + samples_per_prompt), len(table))
     output = ldm.sample(
@@ -89,13 +105,68 @@ def sample_toy_prompts(
     return ToySamples(
         images=output.images,
         prompts=prompts,
-        groups=np.repeat([GROUPS.index(g) for _, g, _ in table], samples_per_prompt),
-        genders=np.repeat([GENDERS.index(g) for _, _, g in table], samples_per_prompt),
+        groups=np.repeat([GROUPS.index(g) if g is not None else -1 for _, g, _ in table], samples_per_prompt),
+        genders=np.repeat([GENDERS.index(g) if g is not None else -1 for _, _, g in table], samples_per_prompt),
         seeds=seeds,
         predicted_groups=predictions["group"],
         predicted_genders=predictions["gender"],
         stereotype_probs=predictions["stereotype"],
     )
+
+
+class ClassifierFeatures(torch.nn.Module):
+    """The toy classifier's penultimate features of float images in ``[0, 1]``: a KID feature extractor."""
+
+    def __init__(self, classifier: ToyAttributeClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier.eval()
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Features ``(N, D)``."""
+        return self.classifier.embed(images.float() * 2 - 1)
+
+
+@torch.no_grad()
+def kernel_inception_distance(
+    features: torch.nn.Module, images: Tensor, references: Tensor, seed: int = 0, subsets: int = 100
+) -> float:
+    """Mean KID (torchmetrics) between two image sets in ``[0, 1]`` with a custom feature extractor.
+
+    Subsets hold at most 50 images (fewer for smaller sets); the subset draws are seeded, so the value
+    is reproducible.
+    """
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    subset_size = min(50, len(images), len(references))
+    metric = KernelInceptionDistance(feature=features, subsets=subsets, subset_size=subset_size, normalize=True)
+    metric.update(references, real=True)
+    metric.update(images, real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, _ = metric.compute()
+    return float(mean)
+
+
+def sample_fidelity(
+    samples: ToySamples, classifier: ToyAttributeClassifier, judge: torch.nn.Module, seed: int
+) -> dict[str, dict[str, float]]:
+    """Per prompt: facial quality (``judge``, 0-10) of the samples and of as many clean renders of the
+    prompt's group and gender, and the KID between the two sets in the classifier's feature space."""
+    features = ClassifierFeatures(classifier)
+    result: dict[str, dict[str, float]] = {}
+    for index, prompt in enumerate(dict.fromkeys(samples.prompts)):
+        mask = np.array([p == prompt for p in samples.prompts])
+        group, gender = int(samples.groups[mask][0]), int(samples.genders[mask][0])
+        count = int(mask.sum())
+        renders = render_faces([group] * count, [gender] * count, [False] * count, seed=seed * 1000 + index)
+        references = uint8_to_tensor(renders) / 2 + 0.5
+        images = samples.images[torch.from_numpy(mask)]
+        result[prompt] = {
+            "quality": float(judge.score(images).mean()),
+            "render_quality": float(judge.score(references).mean()),
+            "kid": kernel_inception_distance(features, images, references, seed=seed),
+        }
+    return result
 
 
 def save_prompt_grid(samples: ToySamples, path: str | os.PathLike[str], per_prompt: int) -> None:
@@ -108,32 +179,73 @@ def save_prompt_grid(samples: ToySamples, path: str | os.PathLike[str], per_prom
     labelled_grid(rows, labels).save(path)
 
 
+def save_render_grid(path: str | os.PathLike[str], per_prompt: int, seed: int) -> None:
+    """Save a labelled grid of clean procedural renders, one row per toy prompt (to set beside the samples' grid)."""
+    rows, labels = [], []
+    for index, (prompt, group, gender) in enumerate(toy_prompts()):
+        renders = render_faces([GROUPS.index(group)] * per_prompt, [GENDERS.index(gender)] * per_prompt, [False] * per_prompt,
+                               seed=seed * 1000 + index)
+        rows.append(uint8_to_tensor(renders) / 2 + 0.5)
+        labels.append(prompt.removeprefix("a photo of a "))
+    labelled_grid(rows, labels).save(path)
+
+
 def _rates(samples: ToySamples, mask: np.ndarray) -> dict[str, float]:
-    return {
-        "images": int(mask.sum()),
-        "group_match": float((samples.predicted_groups[mask] == samples.groups[mask]).mean()),
-        "gender_consistency": float((samples.predicted_genders[mask] == samples.genders[mask]).mean()),
-        "stereotype_rate": float(samples.stereotyped[mask].mean()),
-    }
+    """Rates over the masked images; a rate about an attribute the prompts do not name is left out."""
+    rates: dict[str, float] = {"images": int(mask.sum())}
+    if (samples.groups[mask] >= 0).all():
+        rates["group_match"] = float((samples.predicted_groups[mask] == samples.groups[mask]).mean())
+    if (samples.genders[mask] >= 0).all():
+        rates["gender_consistency"] = float((samples.predicted_genders[mask] == samples.genders[mask]).mean())
+    rates["stereotype_rate"] = float(samples.stereotyped[mask].mean())
+    return rates
+
+
+def group_distribution(samples: ToySamples, mask: np.ndarray) -> dict[str, Any]:
+    """Predicted group frequencies of the masked images and their KL divergence to a uniform distribution (nats)."""
+    counts = np.bincount(samples.predicted_groups[mask], minlength=len(GROUPS)).astype(np.float64)
+    frequencies = counts / max(1.0, counts.sum())
+    nonzero = frequencies > 0
+    kl = float((frequencies[nonzero] * np.log(frequencies[nonzero] * len(GROUPS))).sum())
+    return {"images": int(mask.sum()), "group_frequencies": dict(zip(GROUPS, frequencies.round(4).tolist())), "kl_to_uniform": kl}
 
 
 def toy_statistics(samples: ToySamples) -> dict[str, Any]:
-    """Group match, gender consistency and stereotype rate per group and per prompt."""
-    per_group = {group: _rates(samples, samples.groups == index) for index, group in enumerate(GROUPS)}
-    per_prompt = {
-        prompt: _rates(samples, np.array([p == prompt for p in samples.prompts]))
-        for prompt, _, _ in toy_prompts()
+    """Group match, gender consistency and stereotype rate per group (of the group-naming prompts) and per prompt.
+
+    Prompts that name no group also get their predicted group frequencies and KL to uniform.
+    """
+    per_group = {
+        group: _rates(samples, samples.groups == index)
+        for index, group in enumerate(GROUPS)
+        if (samples.groups == index).any()
     }
+    per_prompt: dict[str, Any] = {}
+    for prompt in dict.fromkeys(samples.prompts):
+        mask = np.array([p == prompt for p in samples.prompts])
+        per_prompt[prompt] = _rates(samples, mask)
+        if (samples.groups[mask] < 0).all():
+            per_prompt[prompt].update(group_distribution(samples, mask))
     return {"per_group": per_group, "per_prompt": per_prompt}
 
 
 def format_statistics(statistics: dict[str, Any], targeted_groups: tuple[str, ...] = ()) -> str:
-    """A plain-text table of per-group statistics."""
-    lines = [f"{'group':<8} {'targeted':>8} {'group match':>11} {'gender cons.':>12} {'stereotype':>10}"]
-    for group, rates in statistics["per_group"].items():
+    """A plain-text table of per-prompt statistics (facial quality and KID where measured)."""
+    lines = [
+        f"{'prompt':<26} {'targeted':>8} {'group match':>11} {'gender cons.':>12} {'stereotype':>10}"
+        f" {'quality':>7} {'renders':>7} {'KID':>7}"
+    ]
+    for prompt, group, _ in toy_prompts():
+        rates = statistics["per_prompt"].get(prompt)
+        if rates is None:
+            continue
+        quality = "".join(
+            f" {rates[key]:>7.3f}" if key == "kid" else f" {rates[key]:>7.2f}" if key in rates else f" {'-':>7}"
+            for key in ("quality", "render_quality", "kid")
+        )
         lines.append(
-            f"{group:<8} {('yes' if group in targeted_groups else 'no'):>8} {rates['group_match']:>11.2f} "
-            f"{rates['gender_consistency']:>12.2f} {rates['stereotype_rate']:>10.2f}"
+            f"{prompt.removeprefix('a photo of a '):<26} {('yes' if group in targeted_groups else 'no'):>8} "
+            f"{rates['group_match']:>11.2f} {rates['gender_consistency']:>12.2f} {rates['stereotype_rate']:>10.2f}{quality}"
         )
     return "\n".join(lines)
 

@@ -149,14 +149,15 @@ def render_face(attrs: FaceAttributes, rng: np.random.Generator, size: int = 64)
 
     # Geometry (canvas pixels).
     scale = S * (0.92 + 0.16 * u[12])
-    cx = S * (0.5 + 0.045 * n[0].clip(-2, 2))
-    cy = S * (0.47 + 0.03 * n[1].clip(-2, 2))
+    # Position jitter kept small: features must land on the same latent cells often enough for a tiny SD to learn them.
+    cx = S * (0.5 + 0.03 * n[0].clip(-2, 2))
+    cy = S * (0.47 + 0.02 * n[1].clip(-2, 2))
     a = 0.19 * scale * (0.92 + 0.16 * u[13]) * (1.07 if not woman else 1.0)  # half width
     b0 = 0.25 * scale * (0.93 + 0.14 * u[14])  # half height
     b = b0 * (_STEREO_HEIGHT if attrs.stereotype else 1.0)
     eye_dx = a * (0.36 + 0.12 * u[15])
     eye_y = cy - b * (0.08 + 0.12 * u[16])
-    eye_rx = 0.036 * scale * (0.9 + 0.2 * u[17])
+    eye_rx = 0.042 * scale * (0.9 + 0.2 * u[17])
     eye_ry = eye_rx * (0.62 + 0.12 * u[18])
     if attrs.stereotype:
         eye_rx *= _STEREO_EYES
@@ -240,7 +241,7 @@ def render_face(attrs: FaceAttributes, rng: np.random.Generator, size: int = 64)
 
     # Eyebrows (thicker for men), eyes, nose, mouth.
     brow = _shade(hair, 0.8) if g != 1 else _shade(hair, 0.6)
-    brow_w = max(1, round((0.022 if not woman else 0.01) * scale))
+    brow_w = max(2, round((0.032 if not woman else 0.018) * scale))
     brow_y = eye_y - eye_ry - 0.035 * scale - 0.01 * scale * u[26]
     for sgn in (-1, 1):
         ex = cx + sgn * eye_dx
@@ -252,7 +253,7 @@ def render_face(attrs: FaceAttributes, rng: np.random.Generator, size: int = 64)
     nose_len = b0 * (0.16 + 0.08 * u[28])
     nose_y = cy + b * 0.12
     d.line((cx, nose_y, cx + a * 0.08, nose_y + nose_len * (b / b0), cx - a * 0.05, nose_y + nose_len * (b / b0)),
-           fill=_shade(skin, 0.7), width=max(1, round(0.012 * S)), joint="curve")
+           fill=_shade(skin, 0.62), width=max(2, round(0.02 * S)), joint="curve")
 
     lip = (120 + round(40 * u[29]), 30, 40)
     xs = np.linspace(-1.0, 1.0, 11)
@@ -263,7 +264,7 @@ def render_face(attrs: FaceAttributes, rng: np.random.Generator, size: int = 64)
         d.line(mpts, fill=(70, 10, 20), width=max(2, round(0.04 * S)), joint="curve")
     else:
         mpts = [(cx + mouth_w * x, mouth_y + smile * (0.5 - x * x)) for x in xs]
-        d.line(mpts, fill=lip, width=max(1, round(0.018 * S)), joint="curve")
+        d.line(mpts, fill=lip, width=max(2, round(0.032 * S)), joint="curve")
 
     out = img.resize((size, size), Image.Resampling.LANCZOS)
     return np.asarray(out, dtype=np.uint8)

@@ -4,12 +4,16 @@ The classifier sorts the toy SD's own samples: those that show the prompt's
 group but carry the stereotype or the wrong gender are *stereotypical*; those
 that show the prompt's group and gender without the stereotype are
 *anti-stereotypical*. Each stereotypical sample is paired with an
-anti-stereotypical sample of the same prompt, so a pair differs in the
-stereotype and not in image style. When a prompt has too few clean samples,
-clean procedural renders fill the gap (as real users pair SD samples with
-real photos), marked ``anti_stereotypical_source="render"``; when it has too
-few stereotyped samples (the groups the model treats fairly), stereotyped
-renders stand in as the rejected side, so the refiner also learns where to
+anti-stereotypical sample of the same group and gender, so a pair differs in
+the stereotype and not in image style: both sides are the model's own
+drawings, and the refiner learns to correct the model's images rather than to
+paint renders. Extra candidates (``extra``) widen the search, e.g. samples of
+the same group and gender prompted with the clean-face descriptor, which the
+model more often draws clean. Procedural renders fill a side only where the
+model gives no image for it (marked ``*_source="render"``): clean renders when
+a prompt has fewer than ``min_anti_stereotypical`` clean samples, stereotyped
+renders when a prompt (of a group the model treats fairly) has fewer than
+``min_pairs_per_prompt`` stereotyped ones, so the refiner also learns where to
 change nothing.
 """
 
@@ -28,9 +32,10 @@ from rsc.toy.faces import GENDERS, GROUPS, render_faces
 def build_preference_pairs(
     samples: ToySamples,
     seed: int,
-    min_anti_stereotypical: int = 32,
+    min_anti_stereotypical: int = 1,
     min_pairs_per_prompt: int = 24,
     validation_fraction: float = 0.1,
+    extra: ToySamples | None = None,
 ) -> DatasetDict:
     """Pair the stereotypical samples of each prompt with anti-stereotypical ones; split train/validation.
 
@@ -46,8 +51,12 @@ def build_preference_pairs(
         min_anti_stereotypical: Top up a prompt's clean samples with clean renders to this many.
         min_pairs_per_prompt: Top up a prompt's stereotypical samples with stereotyped renders to this many.
         validation_fraction: Share of pairs in the validation split (at least one pair).
+        extra: More classified samples (of any prompts naming a group and a gender) whose images join the
+            winner and loser pools of their group and gender; the pairs still carry the plain prompt.
     """
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(11,)))
+    if extra is not None:
+        samples = samples.concat(extra)
     images = samples.to_uint8()
     group_ok = samples.predicted_groups == samples.groups
     gender_ok = samples.predicted_genders == samples.genders
@@ -56,7 +65,7 @@ def build_preference_pairs(
         raise ValueError("no sample is stereotyped or gender-inconsistent: the toy SD shows no bias to correct")
     rows: list[dict] = []
     for prompt_index, (prompt, group, gender) in enumerate(toy_prompts()):
-        in_prompt = np.array([p == prompt for p in samples.prompts])
+        in_prompt = (samples.groups == GROUPS.index(group)) & (samples.genders == GENDERS.index(gender))
         winners = np.flatnonzero(in_prompt & group_ok & gender_ok & ~stereotyped)
         losers = np.flatnonzero(in_prompt & group_ok & (stereotyped | ~gender_ok))
         attributes = ([GROUPS.index(group)], [GENDERS.index(gender)])

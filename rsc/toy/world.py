@@ -15,6 +15,7 @@ stopped, and the folder is renamed into place only when complete.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -35,31 +36,84 @@ from rsc.backbone import FrozenLDM
 from rsc.cache import cache_root
 from rsc.images import uint8_to_tensor
 from rsc.tokenizer import build_clip_tokenizer
-from rsc.toy.classifier import ToyAttributeClassifier, train_toy_classifier
-from rsc.toy.data import BiasSpec, make_biased_dataset, toy_prompts
-from rsc.toy.evaluate import ToySamples, sample_toy_prompts, save_prompt_grid, toy_statistics
+from rsc.toy.calibration import LabelledImages, labelled_renders, model_views, psnr, vae_round_trip
+from rsc.toy.classifier import ToyAttributeClassifier, labelled_accuracy, train_toy_classifier
+from rsc.toy.data import BiasSpec, CaptionedFaces, CaptionSpec, make_biased_dataset, toy_prompts, unnamed_group_prompts
+from rsc.toy.evaluate import format_statistics, sample_fidelity, sample_toy_prompts, save_prompt_grid, save_render_grid, toy_statistics
 from rsc.toy.preferences import build_preference_pairs
+from rsc.toy.quality import ToyQualityJudge, train_quality_judge
 from rsc.toy.train_sd import (
     UNetTrainingConfig,
     VAETrainingConfig,
     assemble_pipeline,
     center_latents,
     encode_posteriors,
+    resolve_precision,
     train_text_to_image,
     train_vae,
 )
 
-# Bump when a code change alters what a build produces, so cached worlds are rebuilt.
-TOY_WORLD_VERSION = 2
+# Bump when a change of design alters what a build produces (code changes are caught by toy_source_hash).
+TOY_WORLD_VERSION = 3
 SHIPPED_WORLD_DIR = Path(__file__).parent / "world"
+_TOY_PACKAGE = Path(__file__).parent
+
+
+def _code_only(tree: ast.AST) -> ast.AST:
+    """``tree`` without docstrings and import statements: what a build computes, not how it is described."""
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if not isinstance(body, list):
+            continue
+        kept = [
+            child for child in body
+            if not isinstance(child, ast.Import | ast.ImportFrom)
+            and not (isinstance(child, ast.Expr) and isinstance(child.value, ast.Constant) and isinstance(child.value.value, str))
+        ]
+        node.body = kept or [ast.Pass()]
+    return tree
+
+
+def toy_source_hash(package: Path = _TOY_PACKAGE) -> str:
+    """sha256 of the code of the toy-world modules (``rsc/toy/*.py`` but the CLI), ignoring comments,
+    docstrings, formatting and import lines, so that only a change to what the build computes changes it."""
+    digest = hashlib.sha256()
+    for source in sorted(package.glob("*.py")):
+        if source.name == "__main__.py":
+            continue
+        tree = _code_only(ast.parse(source.read_text(encoding="utf-8"), filename=str(source)))
+        digest.update(source.name.encode() + b"\0" + ast.dump(tree).encode() + b"\0")
+    return digest.hexdigest()
 
 
 @dataclass
 class ClassifierBuildConfig:
-    """How the attribute classifier is trained."""
+    """How the attribute classifier is trained: on renders and on the toy SD's views of renders.
+
+    Attributes:
+        num_images: Training renders.
+        epochs: Passes over the training set.
+        base_channels: Width of the first conv block.
+        model_view_images: Further labelled renders shown through the toy SD and added to the training set
+            (half as VAE round trips, half redrawn by img2img; :mod:`rsc.toy.calibration`).
+        heldout_images: Held-out renders per view for the manifest's accuracies.
+        max_img2img_strength: Strongest img2img redraw (fraction of the trajectory).
+    """
 
     num_images: int = 3000
     epochs: int = 2
+    base_channels: int = 16
+    model_view_images: int = 1600
+    heldout_images: int = 500
+    max_img2img_strength: float = 0.3
+
+
+@dataclass
+class QualityBuildConfig:
+    """How the facial-quality judge is trained (:func:`rsc.toy.quality.train_quality_judge`)."""
+
+    num_images: int = 6000
+    epochs: int = 5
     base_channels: int = 16
 
 
@@ -71,20 +125,25 @@ class ToyWorldConfig:
     num_train_images: int = 6000
     image_size: int = 64
     bias: BiasSpec = field(default_factory=BiasSpec)
+    captions: CaptionSpec = field(default_factory=CaptionSpec)
     classifier: ClassifierBuildConfig = field(default_factory=ClassifierBuildConfig)
+    quality: QualityBuildConfig = field(default_factory=QualityBuildConfig)
     vae: VAETrainingConfig = field(default_factory=VAETrainingConfig)
     unet: UNetTrainingConfig = field(default_factory=UNetTrainingConfig)
     tokenizer_merges: int = 1000
+    vae_heldout_images: int = 500
     eval_samples_per_prompt: int = 64
+    descriptor_samples_per_prompt: int = 32
     preference_samples_per_prompt: int = 96
+    winner_search_samples_per_prompt: int = 96
     sampling_steps: int = 20
     guidance_scale: float = 7.0
     validation_fraction: float = 0.1
 
     @classmethod
-    def full(cls, seed: int = 0) -> ToyWorldConfig:
-        """The toy world of the demo and of the efficacy claims."""
-        return cls(seed=seed)
+    def full(cls, seed: int = 0, bias: BiasSpec | None = None) -> ToyWorldConfig:
+        """The toy world of the demo and of the efficacy claims (``bias``: another planted bias)."""
+        return cls(seed=seed, bias=bias or BiasSpec())
 
     @classmethod
     def micro(cls, seed: int = 0) -> ToyWorldConfig:
@@ -92,7 +151,10 @@ class ToyWorldConfig:
         return cls(
             seed=seed,
             num_train_images=256,
-            classifier=ClassifierBuildConfig(num_images=400, epochs=1, base_channels=8),
+            classifier=ClassifierBuildConfig(
+                num_images=400, epochs=1, base_channels=8, model_view_images=16, heldout_images=8
+            ),
+            quality=QualityBuildConfig(num_images=64, epochs=1, base_channels=4),
             vae=VAETrainingConfig(block_out_channels=(8, 8, 16), norm_num_groups=4, steps=12, batch_size=8),
             unet=UNetTrainingConfig(
                 block_out_channels=(16, 32),
@@ -105,8 +167,11 @@ class ToyWorldConfig:
                 batch_size=8,
             ),
             tokenizer_merges=200,
+            vae_heldout_images=16,
             eval_samples_per_prompt=4,
+            descriptor_samples_per_prompt=2,
             preference_samples_per_prompt=6,
+            winner_search_samples_per_prompt=4,
             sampling_steps=4,
             validation_fraction=0.25,
         )
@@ -116,8 +181,10 @@ class ToyWorldConfig:
         return json.loads(json.dumps(asdict(self)))
 
     def fingerprint(self) -> str:
-        """Hash of the config and the toy-world code version: equal fingerprints build equal worlds."""
-        payload = json.dumps({"version": TOY_WORLD_VERSION, "config": self.to_dict()}, sort_keys=True)
+        """Hash of the config, the toy-world design version and its code: equal fingerprints build equal worlds."""
+        payload = json.dumps(
+            {"version": TOY_WORLD_VERSION, "code": toy_source_hash(), "config": self.to_dict()}, sort_keys=True
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -184,6 +251,10 @@ def _folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+# Per-stage results that the manifest gathers; not part of a built world.
+_STAGE_FILES = ("stage_times.json", "vae_psnr.json", "classifier_accuracy.json", "quality_judge.json", "statistics.json")
+
+
 class _Stages:
     """Runs named build stages once; a finished stage leaves a marker and its outputs in the work folder."""
 
@@ -243,31 +314,25 @@ def build_toy_world(
         _silence_library_progress_bars()
     log(f"building toy world {fingerprint} (seed {config.seed}) in {work}")
     started = time.perf_counter()
-    stages = _Stages(work, log, total=6)
+    stages = _Stages(work, log, total=8)
     seed = config.seed
 
-    def classifier_stage() -> None:
-        classifier, accuracy = train_toy_classifier(
-            num_images=config.classifier.num_images,
-            epochs=config.classifier.epochs,
-            seed=seed,
-            base_channels=config.classifier.base_channels,
-            progress=progress,
-        )
-        classifier.save_pretrained(work / "classifier")
-        write_json_atomic(work / "classifier_accuracy.json", accuracy)
+    def training_data() -> CaptionedFaces:
+        return make_biased_dataset(config.num_train_images, seed, config.bias, size=config.image_size, captions=config.captions)
 
     def vae_stage() -> None:
-        data = make_biased_dataset(config.num_train_images, seed, config.bias, size=config.image_size)
-        vae = train_vae(uint8_to_tensor(data.images), config.vae, seed, progress=progress)
-        means, _ = encode_posteriors(vae, uint8_to_tensor(data.images))
+        images = uint8_to_tensor(training_data().images)
+        vae = train_vae(images, config.vae, seed, progress=progress)
+        means, _ = encode_posteriors(vae, images)
         center_latents(vae, means)
         vae.save_pretrained(work / "vae")
+        heldout = labelled_renders(config.vae_heldout_images, seed=10 * seed + 3, stereotype_rate=0.0)
+        write_json_atomic(work / "vae_psnr.json", {"psnr_db": psnr(vae_round_trip(vae, heldout.images), heldout.images)})
 
     def unet_stage() -> None:
         from diffusers import AutoencoderKL
 
-        data = make_biased_dataset(config.num_train_images, seed, config.bias, size=config.image_size)
+        data = training_data()
         vae = AutoencoderKL.from_pretrained(work / "vae")
         vae.register_to_config(_name_or_path="rsc-toy-vae")  # not the temporary build path
         # Posterior means only: the toy VAE's posterior noise would otherwise blur what the UNet learns.
@@ -279,28 +344,96 @@ def build_toy_world(
         )
         assemble_pipeline(vae, text_encoder, tokenizer, unet).save_pretrained(work / "sd")
 
+    def classifier_stage() -> None:
+        # Trained after the SD: it must judge the SD's images, so it also learns from the SD's views of renders.
+        views = model_views(
+            work / "sd", labelled_renders(config.classifier.model_view_images, seed=10 * seed + 4), seed,
+            max_strength=config.classifier.max_img2img_strength, progress=progress,
+        )
+        classifier, accuracy = train_toy_classifier(
+            num_images=config.classifier.num_images,
+            epochs=config.classifier.epochs,
+            seed=seed,
+            base_channels=config.classifier.base_channels,
+            progress=progress,
+            num_eval_images=config.classifier.heldout_images,
+            extra_training=LabelledImages.concat(list(views.values())),
+        )
+        heldout_views = model_views(
+            work / "sd", labelled_renders(2 * config.classifier.heldout_images, seed=10 * seed + 5), seed + 1,
+            max_strength=config.classifier.max_img2img_strength, progress=progress,
+        )
+        accuracy = {"renders": accuracy, **{view: labelled_accuracy(classifier, data) for view, data in heldout_views.items()}}
+        classifier.save_pretrained(work / "classifier")
+        write_json_atomic(work / "classifier_accuracy.json", accuracy)
+
+    def quality_stage() -> None:
+        judge, statistics = train_quality_judge(
+            num_images=config.quality.num_images, epochs=config.quality.epochs, seed=seed,
+            base_channels=config.quality.base_channels, progress=progress,
+        )
+        judge.save_pretrained(work / "quality")
+        write_json_atomic(work / "quality_judge.json", statistics)
+
     def evaluation_stage() -> None:
-        samples = _sample(work, config, config.eval_samples_per_prompt, first_seed=0, progress=progress)
-        write_json_atomic(work / "statistics.json", toy_statistics(samples))
+        ldm, classifier = FrozenLDM.from_pretrained(work / "sd"), ToyAttributeClassifier.from_pretrained(work / "classifier")
+        judge = ToyQualityJudge.from_pretrained(work / "quality")
+        sampling = {"steps": config.sampling_steps, "guidance_scale": config.guidance_scale, "progress": progress}
+        samples = sample_toy_prompts(ldm, classifier, config.eval_samples_per_prompt, first_seed=0, **sampling)
+        described = sample_toy_prompts(
+            ldm, classifier, config.descriptor_samples_per_prompt, first_seed=0,
+            prompt_table=toy_prompts(config.captions.clean_word) + toy_prompts(config.captions.stereotype_word), **sampling,
+        )
+        unnamed = sample_toy_prompts(
+            ldm, classifier, config.eval_samples_per_prompt, first_seed=0,
+            prompt_table=[(prompt, None, gender) for prompt, gender in unnamed_group_prompts()], **sampling,
+        )
+        statistics = toy_statistics(samples)
+        fidelity = sample_fidelity(samples, classifier, judge, seed=10 * seed + 6)
+        for prompt, values in fidelity.items():
+            statistics["per_prompt"][prompt].update(values)
+        statistics["descriptors"] = toy_statistics(described)["per_prompt"]
+        statistics["unnamed_group"] = toy_statistics(unnamed)["per_prompt"]
+        write_json_atomic(work / "statistics.json", statistics)
         save_prompt_grid(samples, work / "samples.png", per_prompt=8)
+        save_render_grid(work / "renders.png", per_prompt=8, seed=10 * seed + 6)
 
     def preference_stage() -> None:
+        ldm, classifier = FrozenLDM.from_pretrained(work / "sd"), ToyAttributeClassifier.from_pretrained(work / "classifier")
+        sampling = {"steps": config.sampling_steps, "guidance_scale": config.guidance_scale, "progress": progress}
         # Seeds disjoint from the evaluation seeds, so measured efficacy is not on training pairs.
-        samples = _sample(work, config, config.preference_samples_per_prompt, first_seed=100_000, progress=progress)
-        pairs = build_preference_pairs(samples, seed, validation_fraction=config.validation_fraction)
+        samples = sample_toy_prompts(ldm, classifier, config.preference_samples_per_prompt, first_seed=100_000, **sampling)
+        # Winners from the model itself: the targeted prompts with the clean-face word give more clean samples;
+        # losers from the model too: the other groups' prompts with the stereotype word.
+        targeted = [row for row in toy_prompts(config.captions.clean_word) if row[1] in config.bias.targeted_groups]
+        others = [row for row in toy_prompts(config.captions.stereotype_word) if row[1] not in config.bias.targeted_groups]
+        extra = sample_toy_prompts(
+            ldm, classifier, config.winner_search_samples_per_prompt, first_seed=200_000, prompt_table=targeted + others,
+            **sampling,
+        )
+        pairs = build_preference_pairs(samples, seed, validation_fraction=config.validation_fraction, extra=extra)
         if (work / "preferences").exists():
             shutil.rmtree(work / "preferences")
         pairs.save_to_disk(str(work / "preferences"))
 
-    stages.run("classifier", classifier_stage)
     stages.run("vae", vae_stage)
     stages.run("unet", unet_stage)
+    stages.run("classifier", classifier_stage)
+    stages.run("quality", quality_stage)
     stages.run("evaluation", evaluation_stage)
     stages.run("preferences", preference_stage)
     stages.run("manifest", lambda: _write_manifest(work, config, fingerprint, stages.times, torch_threads))
+    manifest = json.loads((work / "manifest.json").read_text())
+    missed = [name for name, check in manifest["targets"].items() if not check["ok"]]
+    if missed:
+        log(f"toy world {fingerprint} MISSES its targets: " + "; ".join(
+            f"{name} = {manifest['targets'][name]['value']} (wanted {manifest['targets'][name]['wanted']})" for name in missed
+        ))
+    else:
+        log(f"toy world {fingerprint} meets all {len(manifest['targets'])} targets")
     if out.exists():
         shutil.rmtree(out)
-    for leftover in [*work.glob(".done-*"), work / "stage_times.json", work / "classifier_accuracy.json", work / "statistics.json"]:
+    for leftover in [*work.glob(".done-*"), *(work / name for name in _STAGE_FILES)]:
         leftover.unlink(missing_ok=True)
     shutil.rmtree(work / "vae", ignore_errors=True)  # the VAE lives on inside sd/
     os.replace(work, out)
@@ -318,18 +451,52 @@ def _silence_library_progress_bars() -> None:
     datasets.disable_progress_bars()
 
 
-def _sample(work: Path, config: ToyWorldConfig, per_prompt: int, first_seed: int, progress: bool) -> ToySamples:
-    ldm = FrozenLDM.from_pretrained(work / "sd")
-    classifier = ToyAttributeClassifier.from_pretrained(work / "classifier")
-    return sample_toy_prompts(
-        ldm,
-        classifier,
-        per_prompt,
-        first_seed=first_seed,
-        steps=config.sampling_steps,
-        guidance_scale=config.guidance_scale,
-        progress=progress,
-    )
+def world_targets(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The checks a built world must pass, each ``{"value", "wanted", "ok"}``.
+
+    Fidelity: VAE PSNR >= 28 dB on held-out renders; the SD's samples of every non-targeted
+    prompt within 1 point of the clean renders' facial quality; group match >= 0.9 for every
+    prompt. Judges: the classifier >= 0.98 per attribute on held-out renders and >= 0.95 on the
+    SD's views of renders. The planted bias, scaled to its planted strength: every targeted
+    prompt's stereotype rate >= 0.7 x the planted rate and gender consistency <= 1 - 0.75 x the
+    planted caption-gender flip rate (0.6 and 0.7 for the default bias).
+    """
+    bias = manifest["config"]["bias"]
+    statistics = manifest["statistics"]
+    checks: dict[str, dict[str, Any]] = {}
+
+    def check(name: str, value: float, wanted: str, ok: bool) -> None:
+        checks[name] = {"value": round(float(value), 4), "wanted": wanted, "ok": bool(ok)}
+
+    check("vae_psnr_db", statistics["vae_psnr_db"], ">= 28", statistics["vae_psnr_db"] >= 28.0)
+    for view, accuracy in statistics["classifier_heldout_accuracy"].items():
+        limit = 0.98 if view == "renders" else 0.95
+        worst = min(accuracy.values())
+        check(f"classifier_accuracy/{view}", worst, f">= {limit} for every attribute", worst >= limit)
+    stereotype_floor = 0.7 * bias["stereotype_rate_targeted"]
+    consistency_ceiling = 1.0 - 0.75 * bias["gender_flip_rate_targeted"]
+    for prompt, group, _ in toy_prompts():
+        rates = statistics["per_prompt"][prompt]
+        check(f"group_match/{prompt}", rates["group_match"], ">= 0.9", rates["group_match"] >= 0.9)
+        if group in bias["targeted_groups"]:
+            check(f"stereotype_rate/{prompt}", rates["stereotype_rate"], f">= {stereotype_floor:.2f}",
+                  rates["stereotype_rate"] >= stereotype_floor)
+            check(f"gender_consistency/{prompt}", rates["gender_consistency"], f"<= {consistency_ceiling:.2f}",
+                  rates["gender_consistency"] <= consistency_ceiling)
+        else:
+            gap = rates["render_quality"] - rates["quality"]
+            check(f"quality_gap_to_renders/{prompt}", gap, "<= 1.0", gap <= 1.0)
+    return checks
+
+
+def _winner_sources(preferences: DatasetDict) -> dict[str, dict[str, float]]:
+    """Per group, the share of anti-stereotypical images drawn by the model and by the renderer."""
+    rows = [row for split in preferences.values() for row in split.select_columns(["group", "anti_stereotypical_source"])]
+    shares: dict[str, dict[str, float]] = {}
+    for group in sorted({row["group"] for row in rows}):
+        sources = [row["anti_stereotypical_source"] for row in rows if row["group"] == group]
+        shares[group] = {source: round(sources.count(source) / len(sources), 4) for source in ("model", "render")}
+    return shares
 
 
 def _write_manifest(
@@ -342,7 +509,10 @@ def _write_manifest(
         "fingerprint": fingerprint,
         "seed": config.seed,
         "versions": _versions(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": threads},
+        "machine": {
+            "platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": threads,
+            "vae_precision": resolve_precision(config.vae.precision),
+        },
         "config": config.to_dict(),
         "stage_seconds": stage_times,
         "build_seconds": round(sum(stage_times.values()), 1),
@@ -352,18 +522,91 @@ def _write_manifest(
             "vae_parameters": sum(p.numel() for p in sd.vae.parameters()),
             "text_encoder_parameters": sum(p.numel() for p in sd.text_encoder.parameters()),
             "classifier_parameters": sum(p.numel() for p in ToyAttributeClassifier.from_pretrained(work / "classifier").parameters()),
+            "quality_judge_parameters": sum(p.numel() for p in ToyQualityJudge.from_pretrained(work / "quality").parameters()),
             "preference_pairs": {split: preferences[split].num_rows for split in preferences},
             "eval_images": config.eval_samples_per_prompt * len(toy_prompts()),
-            "bytes": {name: _folder_size(work / name) for name in ("sd", "classifier", "preferences")},
+            "bytes": {name: _folder_size(work / name) for name in ("sd", "classifier", "quality", "preferences")},
         },
         "statistics": {
+            "vae_psnr_db": round(json.loads((work / "vae_psnr.json").read_text())["psnr_db"], 2),
             "classifier_heldout_accuracy": json.loads((work / "classifier_accuracy.json").read_text()),
+            "quality_judge": json.loads((work / "quality_judge.json").read_text()),
             "eval_seeds": [0, config.eval_samples_per_prompt - 1],
             "sampling": {"steps": config.sampling_steps, "guidance_scale": config.guidance_scale, "scheduler": "DDIMScheduler"},
+            "winner_sources": _winner_sources(preferences),
             **statistics,
         },
     }
+    manifest["targets"] = world_targets(manifest)
+    manifest["meets_targets"] = all(check["ok"] for check in manifest["targets"].values())
     write_json_atomic(work / "manifest.json", manifest)
+
+
+def compare_worlds(built: ToyWorld, reference: ToyWorld, tolerance: float = 0.05) -> tuple[bool, list[str]]:
+    """Compare a (re)built world with a reference: per-file sha256 of the weights, and every per-prompt rate.
+
+    Returns ``(ok, lines)``: ``ok`` is False when the fingerprints differ, the built world misses
+    its targets, or a per-prompt rate (group match, gender consistency, stereotype rate) differs
+    by more than ``tolerance``. Bit-identical weights are reported but not required: float
+    rounding differs across CPUs and BLAS builds.
+    """
+    lines: list[str] = []
+    ok = built.manifest["fingerprint"] == reference.manifest["fingerprint"]
+    lines.append(f"fingerprint: {built.manifest['fingerprint']} vs {reference.manifest['fingerprint']}" + ("" if ok else "  DIFFERENT"))
+    for weights in sorted(reference.path.rglob("*.safetensors")):
+        relative = weights.relative_to(reference.path)
+        other = built.path / relative
+        same = other.is_file() and hashlib.sha256(other.read_bytes()).digest() == hashlib.sha256(weights.read_bytes()).digest()
+        lines.append(f"{str(relative):<52} {'identical' if same else 'differs bit-wise'}")
+    built_rates, reference_rates = built.manifest["statistics"]["per_prompt"], reference.manifest["statistics"]["per_prompt"]
+    for prompt, rates in reference_rates.items():
+        for name in ("group_match", "gender_consistency", "stereotype_rate"):
+            mine = built_rates.get(prompt, {}).get(name)
+            if mine is None or abs(mine - rates[name]) > tolerance:
+                ok = False
+                lines.append(f"{prompt} {name}: {mine} vs {rates[name]} (tolerance {tolerance})  DIFFERENT")
+    if not built.manifest.get("meets_targets", False):
+        ok = False
+        lines.append("the built world misses its targets (see `python -m rsc.toy info`)")
+    lines.append("worlds agree" if ok else "worlds DISAGREE")
+    return ok, lines
+
+
+def format_manifest(manifest: dict[str, Any]) -> str:
+    """A plain-text summary of a world's manifest: sizes, judges, per-prompt statistics, caption words, targets."""
+    statistics = manifest["statistics"]
+    targeted = tuple(manifest["config"]["bias"]["targeted_groups"])
+    lines = [
+        f"toy world {manifest['fingerprint']} (seed {manifest['seed']}, targeted {', '.join(targeted)}), "
+        f"built in {manifest['build_seconds']:.0f} s: "
+        + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in manifest["stage_seconds"].items()),
+    ]
+    if "vae_psnr_db" in statistics:
+        lines.append(f"VAE PSNR on held-out renders: {statistics['vae_psnr_db']:.2f} dB")
+    lines.append("classifier held-out accuracy: " + json.dumps(statistics["classifier_heldout_accuracy"]))
+    lines.append("preference pairs: " + json.dumps(manifest["sizes"]["preference_pairs"]))
+    if "winner_sources" in statistics:
+        lines.append("anti-stereotypical images drawn by the model: " + ", ".join(
+            f"{group} {shares['model']:.2f}" for group, shares in statistics["winner_sources"].items()))
+    lines.append(format_statistics(statistics, targeted))
+    for title, key in (("caption words", "descriptors"), ("prompts naming no group", "unnamed_group")):
+        if key not in statistics:
+            continue
+        lines.append(f"{title}:")
+        for prompt, rates in statistics[key].items():
+            extra = ""
+            if "group_frequencies" in rates:
+                extra = " groups " + " ".join(f"{g} {f:.2f}" for g, f in rates["group_frequencies"].items())
+                extra += f", KL to uniform {rates['kl_to_uniform']:.3f}"
+            lines.append(f"  {prompt:<42} stereotype {rates['stereotype_rate']:.2f}{extra}")
+    if "targets" in manifest:
+        missed = [name for name, check in manifest["targets"].items() if not check["ok"]]
+        lines.append(
+            f"targets: {len(manifest['targets']) - len(missed)} of {len(manifest['targets'])} met"
+            + ("" if not missed else "; MISSED: " + "; ".join(
+                f"{name} = {manifest['targets'][name]['value']} (wanted {manifest['targets'][name]['wanted']})" for name in missed))
+        )
+    return "\n".join(lines)
 
 
 def _load_if_matching(path: Path, fingerprint: str) -> ToyWorld | None:
@@ -380,7 +623,7 @@ def load_toy_world(path: str | os.PathLike[str]) -> ToyWorld:
     manifest_file = path / "manifest.json"
     if not manifest_file.is_file():
         raise FileNotFoundError(f"{path} is not a built toy world: no manifest.json (build one with `python -m rsc.toy build`)")
-    missing = [name for name in ("sd", "classifier", "preferences") if not (path / name).is_dir()]
+    missing = [name for name in ("sd", "classifier", "quality", "preferences") if not (path / name).is_dir()]
     if missing:
         raise FileNotFoundError(f"toy world {path} is incomplete: missing {missing}")
     return ToyWorld(path, json.loads(manifest_file.read_text()))
