@@ -54,8 +54,7 @@ from callbacks.metrics import (
     StereotypeRate,
     find_local_lpips_backbone,
 )
-from rsc.classifiers.aesthetic import LaionAestheticPredictor
-from rsc.classifiers.base import AttributeClassifier, module_device
+from rsc.classifiers.base import AestheticPredictor, AttributeClassifier, module_device
 from rsc.classifiers.clip import CLIPEncoder
 from rsc.classifiers.faces import MTCNNFaces
 from rsc.images import before_after_grid
@@ -126,7 +125,8 @@ class FairnessValidation(Callback):
         stereotype_threshold: Probability above which an image counts as stereotyped.
         faces: Face detector/cropper; the classifier then reads face crops, and images without a face are
             counted (``face_detection_rate``) and left out of the attribute metrics. ``None``: whole images.
-        aesthetic: Aesthetic predictor for ``aesthetic/<group>``; ``None`` to skip.
+        aesthetic: Aesthetic predictor for ``aesthetic/<group>`` (``rsc.classifiers.LaionAestheticPredictor``,
+            or ``ToyFacialQuality`` on the toy world); ``None`` to skip.
         clip_model: Local CLIP folder (or cached Hub id) for ``clip_score/<group>``; ``None`` to skip.
         lpips_backbone_weights: Local torchvision weights of LPIPS' backbone, ``"auto"`` (torch hub cache if
             present, else skip), or ``None`` to skip.
@@ -153,7 +153,7 @@ class FairnessValidation(Callback):
         stereotype_attribute: str | None = "stereotype",
         stereotype_threshold: float = 0.5,
         faces: MTCNNFaces | None = None,
-        aesthetic: LaionAestheticPredictor | None = None,
+        aesthetic: AestheticPredictor | None = None,
         clip_model: str | None = None,
         lpips_backbone_weights: str | None = "auto",
         lpips_net: str = "alex",

@@ -28,6 +28,15 @@ def unit_tensor_to_uint8(images: Tensor) -> np.ndarray:
     return (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
+def resize_square(images: Tensor, size: int) -> Tensor:
+    """(N, C, H, W) images resized to ``size`` x ``size`` (bilinear, antialiased); unchanged if already that size."""
+    if images.shape[-2:] == (size, size):
+        return images
+    # Antialiasing keeps a downscaled large sample's statistics (blur, noise) close to a native-size one's.
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                                           align_corners=False)
+
+
 def labelled_grid(
     rows: Sequence[Tensor], labels: Sequence[str], padding: int = 2, label_width: int = 110, scale: int = 2
 ) -> Image.Image:

@@ -143,7 +143,8 @@ def test_shards_cover_every_item_once(world) -> None:  # noqa: ANN001
     assert single.group_ids.tolist() == [-1, -1, -1, 0, 0, 0, 0, 0, 0]
 
 
-def test_the_demo_config_builds_the_callback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _demo_callback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **init_args: object) -> FairnessValidation:
+    """The FairnessValidation that LightningCLI builds from configs/toy.yaml, with ``init_args`` added to its YAML."""
     import yaml
 
     from datamodules.preference import PreferenceDataModule
@@ -153,12 +154,46 @@ def test_the_demo_config_builds_the_callback(tmp_path: Path, monkeypatch: pytest
     config = yaml.safe_load((REPO / "configs" / "toy.yaml").read_text())
     config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "ModelCheckpoint" not in c["class_path"]]
     config["trainer"].update(logger=False, default_root_dir=str(tmp_path))
+    for entry in config["trainer"]["callbacks"]:
+        if entry["class_path"].endswith("FairnessValidation"):
+            entry["init_args"].update(init_args)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     cli = RSCLightningCLI(RSCorrector, PreferenceDataModule, run=False, args=["--config", str(tmp_path / "config.yaml")])
     [callback] = [c for c in cli.trainer.callbacks if isinstance(c, FairnessValidation)]
+    return callback
+
+
+def test_the_demo_config_builds_the_callback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    callback = _demo_callback(tmp_path, monkeypatch)
     assert isinstance(callback.classifier, ToyClassifier) and callback.seeds == list(range(8)) and callback.every_n_val_epochs == 2
     assert [(p.prompt, p.group, p.gender) for p in callback.prompts] == toy_prompts()
     assert callback.groups == GROUPS and callback.neutral == []
+
+
+def test_the_toy_quality_judge_is_an_aesthetic_predictor_in_yaml_and_logs_per_group(
+    world, module: RSCorrector, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    from rsc.classifiers import ToyFacialQuality
+    from rsc.toy.quality import ToyQualityJudge
+
+    torch.manual_seed(0)
+    judge = ToyQualityJudge()  # untrained: this test is about the wiring, tests/test_toy_quality.py about the scores
+    judge.save_pretrained(tmp_path / "judge")
+    aesthetic = {"class_path": "rsc.classifiers.ToyFacialQuality", "init_args": {"path": str(tmp_path / "judge")}}
+    built = _demo_callback(tmp_path, monkeypatch, aesthetic=aesthetic)
+    assert isinstance(built.aesthetic, ToyFacialQuality)
+    assert torch.equal(built.aesthetic.model.head.weight, judge.head.weight)
+
+    prompts = [ValidationPrompt(p, group=g, gender=s) for p, g, s in toy_prompts()[:4]]
+    callback = _toy_callback(world, prompts=prompts, seeds=2, steps=2, aesthetic=built.aesthetic)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[callback], enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.validate(module, dataloaders=_validation_batches(module), verbose=False)
+    values = callback.last_values
+    for group in ("ardan", "belor"):
+        for variant in ("", "_uncorrected"):
+            assert 0 <= values[f"val/aesthetic{variant}/{group}"] <= 10, (group, variant)
+    assert math.isnan(values["val/aesthetic/cyran"])  # no prompt of that group
 
 
 def test_every_optional_metric_runs_and_faceless_images_are_counted(world, module: RSCorrector, tmp_path: Path) -> None:  # noqa: ANN001

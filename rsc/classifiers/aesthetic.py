@@ -18,6 +18,7 @@ import re
 
 from torch import Tensor, nn
 
+from rsc.classifiers.base import AestheticPredictor
 from rsc.classifiers.clip import CLIPEncoder
 from rsc.classifiers.weights import load_into, load_state_dict_file
 
@@ -55,7 +56,7 @@ def _head_for(state: dict[str, Tensor], path: str | os.PathLike[str]) -> nn.Modu
     return _LayersHead(layers)
 
 
-class LaionAestheticPredictor(nn.Module):
+class LaionAestheticPredictor(AestheticPredictor):
     """Aesthetic score per image: a LAION head on the normalised CLIP image embedding.
 
     Args:

@@ -1,10 +1,13 @@
-"""The attribute-classifier interface: images -> per-attribute class probabilities.
+"""The attribute-classifier interface (images -> per-attribute class probabilities) and the aesthetic-score one.
 
 Every classifier reads float images ``(N, 3, H, W)`` in ``[0, 1]`` (what
 :func:`rsc.sampling.sample` returns), of any size (implementations resize), and
 returns, per attribute it knows, an ``(N, K)`` tensor of probabilities over that
 attribute's labels (:attr:`AttributeClassifier.labels`). Binary attributes such as
 the stereotype have two labels, :data:`STEREOTYPE_LABELS`.
+
+An :class:`AestheticPredictor` reads the same images and returns one score per
+image (LAION's aesthetic predictor, the toy facial-quality judge).
 """
 
 from __future__ import annotations
@@ -72,6 +75,18 @@ class AttributeClassifier(nn.Module, ABC):
         if label not in names:
             raise ValueError(f"{type(self).__name__}: {label!r} is not a {attribute} label; expected one of {names}")
         return names.index(label)
+
+
+class AestheticPredictor(nn.Module, ABC):
+    """Images in ``[0, 1]`` -> one quality / aesthetic score per image, higher is better.
+
+    A base class rather than a Protocol because LightningCLI (jsonargparse) resolves a
+    ``class_path`` against the annotated type by subclassing.
+    """
+
+    @abstractmethod
+    def forward(self, images: Tensor) -> Tensor:
+        """Scores ``(N,)`` for float images (N, 3, H, W) in [0, 1]."""
 
 
 class CombinedClassifier(AttributeClassifier):

@@ -10,29 +10,26 @@ toy diffusion model.
 
 Weights are stored as ``model.safetensors`` beside a ``config.json``
 (:meth:`ToyAttributeClassifier.save_pretrained` /
-:meth:`ToyAttributeClassifier.from_pretrained`); no pickles.
+:meth:`ToyAttributeClassifier.from_pretrained`, from
+:class:`rsc.toy.pretrained.ToyPretrainedMixin`); no pickles.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from rsc.atomic import atomic_path, write_json_atomic
 from rsc.config import IntegerConfig
 from rsc.images import uint8_to_tensor
 from rsc.toy.calibration import LabelledImages
 from rsc.toy.faces import GENDERS, GROUPS, random_attributes, render_faces
+from rsc.toy.pretrained import CONFIG_NAME, WEIGHTS_NAME, ToyPretrainedMixin
 
 __all__ = [
     "CONFIG_NAME",
@@ -44,8 +41,6 @@ __all__ = [
     "train_toy_classifier",
 ]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 HEADS: tuple[str, ...] = ("group", "gender", "stereotype")
 
 
@@ -84,7 +79,7 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
-class ToyAttributeClassifier(nn.Module):
+class ToyAttributeClassifier(ToyPretrainedMixin):
     """Small CNN predicting group, gender and stereotype from a face.
 
     Four conv blocks (conv 3x3, batch norm, ReLU, 2x max-pool; channels
@@ -94,6 +89,8 @@ class ToyAttributeClassifier(nn.Module):
     Args:
         config: A :class:`ToyClassifierConfig` (or ``None`` for the defaults).
     """
+
+    config_class = ToyClassifierConfig
 
     def __init__(self, config: ToyClassifierConfig | None = None) -> None:
         super().__init__()
@@ -171,59 +168,6 @@ class ToyAttributeClassifier(nn.Module):
             "gender": logits["gender"].softmax(-1),
             "stereotype": logits["stereotype"].sigmoid(),
         }
-
-    def num_parameters(self) -> int:
-        """Return the number of parameters."""
-        return sum(p.numel() for p in self.parameters())
-
-    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
-        """Write ``model.safetensors`` and ``config.json`` to a directory.
-
-        Each file is written to a temporary file in the same directory and
-        moved into place with :func:`os.replace`, so readers never see a
-        partial file.
-        """
-        out = Path(save_directory)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        with atomic_path(out / WEIGHTS_NAME) as temporary:
-            save_file(state, temporary, metadata={"format": "pt"})
-        write_json_atomic(out / CONFIG_NAME, self.config.to_dict())
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | os.PathLike[str], map_location: str | torch.device = "cpu"
-    ) -> ToyAttributeClassifier:
-        """Load a classifier written by :meth:`save_pretrained`.
-
-        Args:
-            directory: Folder holding ``config.json`` and ``model.safetensors``.
-            map_location: Device to load the weights onto.
-
-        Returns:
-            The classifier, in eval mode.
-
-        Raises:
-            FileNotFoundError: If the folder or one of the two files is missing.
-        """
-        d = Path(directory)
-        if not d.is_dir():
-            raise FileNotFoundError(
-                f"toy classifier directory {str(d)!r} does not exist; expected a folder with "
-                f"{CONFIG_NAME} and {WEIGHTS_NAME} (written by ToyAttributeClassifier.save_pretrained)"
-            )
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (d / name).is_file():
-                raise FileNotFoundError(
-                    f"{str(d / name)!r} not found; expected {CONFIG_NAME} and {WEIGHTS_NAME} in {str(d)!r} "
-                    "(written by ToyAttributeClassifier.save_pretrained)"
-                )
-        with open(d / CONFIG_NAME, encoding="utf-8") as f:
-            config = ToyClassifierConfig.from_dict(json.load(f))
-        model = cls(config)
-        state = load_file(str(d / WEIGHTS_NAME), device=str(map_location))
-        model.load_state_dict(state, strict=True)
-        model.to(map_location)
-        return model.eval()
 
 
 def _gaussian_blur(x: Tensor, sigma: Tensor, radius: int = 2) -> Tensor:

@@ -15,6 +15,10 @@ are anti-aliased. Each face has three attributes:
 Within a group, faces vary in position, scale, face proportions, eye spacing,
 expression, skin and hair tone, clothing and a neutral grey background.
 
+Facial features (:data:`FACE_PARTS`: brows, eyes, nose, mouth) can be left
+undrawn (``omit=``), for the facial-quality judge's "erased features"
+degradation (:mod:`rsc.toy.quality`); the default draws all of them.
+
 Every random draw is made in a fixed order that does not depend on the
 attributes, so one generator state gives the same pose, proportions and
 background whatever the attributes are: rendering the same ``(seed, index)``
@@ -25,13 +29,14 @@ distortion.
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = [
+    "FACE_PARTS",
     "GENDERS",
     "GROUPS",
     "FaceAttributes",
@@ -44,6 +49,8 @@ __all__ = [
 GROUPS: tuple[str, ...] = ("ardan", "belor", "cyran", "dovek")
 #: Gender names (index = gender id).
 GENDERS: tuple[str, ...] = ("woman", "man")
+#: Facial features that ``render_face(..., omit=...)`` can leave undrawn.
+FACE_PARTS: tuple[str, ...] = ("brows", "eyes", "nose", "mouth")
 
 # Skin: (hue in degrees, saturation, value) centres; four hues ~90 degrees apart
 # (ochre-orange, green, blue, purple) so groups stay separable after a lossy
@@ -106,16 +113,29 @@ def _ellipse(cx: float, cy: float, rx: float, ry: float) -> tuple[float, float, 
     return (cx - rx, cy - ry, cx + rx, cy + ry)
 
 
-def render_face(attrs: FaceAttributes, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+def _check_omit(omit: Collection[str]) -> frozenset[str]:
+    if isinstance(omit, str):  # a bare "eyes" would otherwise be read as the letters e, y, e, s
+        raise ValueError(f"omit must be a collection of part names from {FACE_PARTS}, got the string {omit!r}")
+    unknown = sorted(set(omit) - set(FACE_PARTS))
+    if unknown:
+        raise ValueError(f"omit names unknown face parts {unknown}; expected a subset of {FACE_PARTS}")
+    return frozenset(omit)
+
+
+def render_face(
+    attrs: FaceAttributes, rng: np.random.Generator, size: int = 64, omit: Collection[str] = ()
+) -> np.ndarray:
     """Render one face.
 
     The generator is advanced by the same number of draws whatever the
-    attributes, so equal generator states give matched faces.
+    attributes (and ``omit``), so equal generator states give matched faces.
 
     Args:
         attrs: Group, gender and stereotype of the face.
         rng: Source of the natural variation (pose, proportions, tones).
         size: Output height and width in pixels (drawn at twice this size).
+        omit: Facial features (from :data:`FACE_PARTS`) to leave undrawn; the
+            skin shows where they would be.
 
     Returns:
         ``uint8`` array of shape ``(size, size, 3)``.
@@ -125,6 +145,7 @@ def render_face(attrs: FaceAttributes, rng: np.random.Generator, size: int = 64)
     if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 16:
         raise ValueError(f"size must be an integer >= 16 (pixels), got {size!r}")
     size = int(size)
+    skip = _check_omit(omit)
 
     # All draws up front, in a fixed order independent of the attributes.
     u = rng.random(32)
@@ -245,24 +266,27 @@ def render_face(attrs: FaceAttributes, rng: np.random.Generator, size: int = 64)
     brow_y = eye_y - eye_ry - 0.035 * scale - 0.01 * scale * u[26]
     for sgn in (-1, 1):
         ex = cx + sgn * eye_dx
-        d.line((ex - eye_rx * 1.1, brow_y + 0.01 * scale, ex + eye_rx * 1.1, brow_y - 0.006 * scale * sgn * (u[27] - 0.5)),
-               fill=brow, width=brow_w)
-        d.ellipse(_ellipse(ex, eye_y, eye_rx, eye_ry), fill=(244, 242, 238))
-        ir = eye_ry * 0.85
-        d.ellipse(_ellipse(ex + gaze, eye_y, ir, ir), fill=(38, 28, 24))
+        if "brows" not in skip:
+            d.line((ex - eye_rx * 1.1, brow_y + 0.01 * scale, ex + eye_rx * 1.1,
+                    brow_y - 0.006 * scale * sgn * (u[27] - 0.5)), fill=brow, width=brow_w)
+        if "eyes" not in skip:
+            d.ellipse(_ellipse(ex, eye_y, eye_rx, eye_ry), fill=(244, 242, 238))
+            ir = eye_ry * 0.85
+            d.ellipse(_ellipse(ex + gaze, eye_y, ir, ir), fill=(38, 28, 24))
     nose_len = b0 * (0.16 + 0.08 * u[28])
     nose_y = cy + b * 0.12
-    d.line((cx, nose_y, cx + a * 0.08, nose_y + nose_len * (b / b0), cx - a * 0.05, nose_y + nose_len * (b / b0)),
-           fill=_shade(skin, 0.62), width=max(2, round(0.02 * S)), joint="curve")
+    if "nose" not in skip:
+        d.line((cx, nose_y, cx + a * 0.08, nose_y + nose_len * (b / b0), cx - a * 0.05, nose_y + nose_len * (b / b0)),
+               fill=_shade(skin, 0.62), width=max(2, round(0.02 * S)), joint="curve")
 
     lip = (120 + round(40 * u[29]), 30, 40)
     xs = np.linspace(-1.0, 1.0, 11)
-    if attrs.stereotype:  # wide, wavy, heavy mouth
+    if attrs.stereotype and "mouth" not in skip:  # wide, wavy, heavy mouth
         w = a * 0.72
         amp = 0.035 * scale
         mpts = [(cx + w * x, mouth_y + amp * np.sin(2.5 * np.pi * x + 0.6)) for x in xs]
         d.line(mpts, fill=(70, 10, 20), width=max(2, round(0.04 * S)), joint="curve")
-    else:
+    elif "mouth" not in skip:
         mpts = [(cx + mouth_w * x, mouth_y + smile * (0.5 - x * x)) for x in xs]
         d.line(mpts, fill=lip, width=max(2, round(0.032 * S)), joint="curve")
 
@@ -276,6 +300,7 @@ def render_faces(
     stereotypes: Sequence[bool],
     seed: int,
     size: int = 64,
+    omit: Collection[str] = (),
 ) -> np.ndarray:
     """Render a batch of faces deterministically.
 
@@ -289,6 +314,8 @@ def render_faces(
         stereotypes: Whether each image carries the stereotype distortion.
         seed: Non-negative integer seed.
         size: Output height and width in pixels.
+        omit: Facial features (from :data:`FACE_PARTS`) to leave undrawn on
+            every face; the rest of each face is unchanged.
 
     Returns:
         ``uint8`` array of shape ``(N, size, size, 3)``.
@@ -320,10 +347,11 @@ def render_faces(
     if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 16:
         raise ValueError(f"size must be an integer >= 16 (pixels), got {size!r}")
 
+    _check_omit(omit)  # before any drawing, also for an empty batch
     out = np.empty((len(groups_a), size, size, 3), dtype=np.uint8)
     for i in range(len(groups_a)):
         attrs = FaceAttributes(int(groups_a[i]), int(genders_a[i]), bool(stereo_a[i]))
-        out[i] = render_face(attrs, np.random.default_rng([int(seed), i]), size=size)
+        out[i] = render_face(attrs, np.random.default_rng([int(seed), i]), size=size, omit=omit)
     return out
 
 
