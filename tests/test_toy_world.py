@@ -137,6 +137,8 @@ def test_world_targets_scale_with_the_planted_bias(micro_world) -> None:  # noqa
     for prompt, group, _ in toy_prompts():
         rates = manifest["statistics"]["per_prompt"][prompt]
         rates.update(group_match=1.0, stereotype_rate=0.65, gender_consistency=0.6, quality=9.5, render_quality=10.0)
+    for rates in manifest["statistics"]["per_group"].values():
+        rates["gender_consistency"] = 0.6
     manifest["statistics"]["vae_psnr_db"] = 30.0
     manifest["statistics"]["classifier_heldout_accuracy"] = {
         view: {"group": 1.0, "gender": 1.0, "stereotype": 1.0} for view in ("renders", "vae", "img2img")
@@ -148,6 +150,12 @@ def test_world_targets_scale_with_the_planted_bias(micro_world) -> None:  # noqa
     assert missed == [f"stereotype_rate/{p}" for p, g, _ in toy_prompts() if g in ("belor", "dovek")]
     manifest["statistics"]["per_prompt"]["a photo of a cyran man"]["quality"] = 8.8
     assert not world_targets(manifest)["quality_gap_to_renders/a photo of a cyran man"]["ok"]
+    # A weaker planted gender flip (0.2) lowers the ceiling to 0.85: 0.6 passes, 0.9 does not.
+    manifest["config"]["bias"]["gender_flip_rate_targeted"] = 0.2
+    assert world_targets(manifest)["gender_consistency/belor"]["ok"]
+    manifest["statistics"]["per_group"]["belor"]["gender_consistency"] = 0.9
+    assert world_targets(manifest)["gender_consistency/belor"]["wanted"] == "<= 0.85"
+    assert not world_targets(manifest)["gender_consistency/belor"]["ok"]
 
 
 def test_fingerprint_follows_the_code_not_its_comments(tmp_path: Path) -> None:

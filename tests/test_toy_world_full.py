@@ -39,7 +39,8 @@ def assert_toy_world_statistics(manifest: dict) -> None:
         rates = statistics["per_prompt"][prompt]
         assert rates["group_match"] >= 0.9, (prompt, rates)
         if group in targeted:
-            assert rates["stereotype_rate"] >= 0.6 and rates["gender_consistency"] <= 0.7, (prompt, rates)
+            assert rates["stereotype_rate"] >= 0.6, (prompt, rates)
+            assert statistics["per_group"][group]["gender_consistency"] <= 0.7, (group, statistics["per_group"][group])
         else:
             assert rates["render_quality"] - rates["quality"] <= 1.0, (prompt, rates)
     for view, accuracy in statistics["classifier_heldout_accuracy"].items():

@@ -9,6 +9,7 @@ uncorrected and corrected numbers come from identical seeds.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,7 +116,12 @@ def sample_toy_prompts(
 
 
 class ClassifierFeatures(torch.nn.Module):
-    """The toy classifier's penultimate features of float images in ``[0, 1]``: a KID feature extractor."""
+    """The toy classifier's penultimate features of float images in ``[0, 1]``: a KID feature extractor.
+
+    Each feature vector is scaled to norm ``sqrt(D)``: KID's kernel ``(x.y / D + 1)^3`` then sees
+    inner products in ``[-1, 1]`` as with Inception features, and values do not depend on how
+    large one world's classifier's activations happen to be.
+    """
 
     def __init__(self, classifier: ToyAttributeClassifier) -> None:
         super().__init__()
@@ -123,7 +129,8 @@ class ClassifierFeatures(torch.nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """Features ``(N, D)``."""
-        return self.classifier.embed(images.float() * 2 - 1)
+        features = self.classifier.embed(images.float() * 2 - 1)
+        return torch.nn.functional.normalize(features, dim=1) * features.shape[1] ** 0.5
 
 
 @torch.no_grad()
@@ -138,7 +145,9 @@ def kernel_inception_distance(
     from torchmetrics.image.kid import KernelInceptionDistance
 
     subset_size = min(50, len(images), len(references))
-    metric = KernelInceptionDistance(feature=features, subsets=subsets, subset_size=subset_size, normalize=True)
+    with warnings.catch_warnings():  # its memory warning is about datasets far larger than a prompt's images
+        warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer")
+        metric = KernelInceptionDistance(feature=features, subsets=subsets, subset_size=subset_size, normalize=True)
     metric.update(references, real=True)
     metric.update(images, real=False)
     with torch.random.fork_rng(devices=[]):

@@ -64,7 +64,7 @@ class VAETrainingConfig:
     latent_channels: int = 4
     layers_per_block: int = 1
     norm_num_groups: int = 8
-    steps: int = 450
+    steps: int = 2400
     batch_size: int = 32
     learning_rate: float = 2e-3
     kl_weight: float = 1e-6
@@ -173,7 +173,7 @@ class UNetTrainingConfig:
     norm_num_groups: int = 16
     text_hidden_size: int = 64
     text_max_length: int = 16
-    steps: int = 1500
+    steps: int = 3000
     batch_size: int = 32
     learning_rate: float = 1e-3
     text_learning_rate: float = 5e-4

@@ -458,8 +458,12 @@ def world_targets(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
     prompt within 1 point of the clean renders' facial quality; group match >= 0.9 for every
     prompt. Judges: the classifier >= 0.98 per attribute on held-out renders and >= 0.95 on the
     SD's views of renders. The planted bias, scaled to its planted strength: every targeted
-    prompt's stereotype rate >= 0.7 x the planted rate and gender consistency <= 1 - 0.75 x the
-    planted caption-gender flip rate (0.6 and 0.7 for the default bias).
+    prompt's stereotype rate >= 0.7 x the planted rate, and every targeted group's gender
+    consistency <= 1 - 0.75 x the planted caption-gender flip rate (0.6 and 0.7 for the default
+    bias). Gender is checked per group: the flips are planted symmetrically (a group's woman
+    and man captions each name the wrong gender 40% of the time), but a model may resolve them
+    towards one gender, so its two prompts can straddle the limit while the group keeps the
+    planted rate; the per-prompt values are in the statistics.
     """
     bias = manifest["config"]["bias"]
     statistics = manifest["statistics"]
@@ -481,11 +485,12 @@ def world_targets(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if group in bias["targeted_groups"]:
             check(f"stereotype_rate/{prompt}", rates["stereotype_rate"], f">= {stereotype_floor:.2f}",
                   rates["stereotype_rate"] >= stereotype_floor)
-            check(f"gender_consistency/{prompt}", rates["gender_consistency"], f"<= {consistency_ceiling:.2f}",
-                  rates["gender_consistency"] <= consistency_ceiling)
         else:
             gap = rates["render_quality"] - rates["quality"]
             check(f"quality_gap_to_renders/{prompt}", gap, "<= 1.0", gap <= 1.0)
+    for group in bias["targeted_groups"]:
+        consistency = statistics["per_group"][group]["gender_consistency"]
+        check(f"gender_consistency/{group}", consistency, f"<= {consistency_ceiling:.2f}", consistency <= consistency_ceiling)
     return checks
 
 
