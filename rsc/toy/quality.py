@@ -77,13 +77,11 @@ def _check_images(images: Tensor, name: str = "images") -> None:
 
 def _severity_vector(severity: float | Tensor, n: int, kind: str) -> Tensor:
     s = torch.as_tensor(severity, dtype=torch.float32).flatten()
-    if s.numel() == 1:
-        s = s.expand(n)
-    if s.numel() != n:
+    if s.numel() not in (1, n):
         raise ValueError(f"severity of {kind!r} must be a number or one value per image ({n}), got {s.numel()} values")
     if not bool(((s >= 0) & (s <= 1)).all()):
         raise ValueError(f"severity of {kind!r} must lie in [0, 1], got {s[(s < 0) | (s > 1) | s.isnan()][:4].tolist()}")
-    return s
+    return s.expand(n)
 
 
 def _blur(x: Tensor, sigma: Tensor) -> Tensor:
@@ -377,8 +375,10 @@ def evaluate_quality_judge(
 
     Returns:
         ``{"<kind>/<severity>": mean score of clean renders, "stereotype_gap/<kind>/<severity>": mean
-        |stereotyped - clean| score, "clean": mean of undegraded clean renders, "stereotyped": the same for
-        stereotyped ones, "stereotype_gap": the largest gap}``; severities are formatted with two decimals.
+        |stereotyped - clean| score (per-image disagreement), "stereotype_bias/<kind>/<severity>": mean
+        stereotyped - clean score (a systematic preference), "clean": mean of undegraded clean renders,
+        "stereotyped": the same for stereotyped ones, "stereotype_gap": the largest gap}``; severities are
+        formatted with two decimals.
     """
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 2:
         raise ValueError(f"num_images must be an integer >= 2 (mix blends neighbours), got {num_images!r}")
@@ -390,6 +390,7 @@ def evaluate_quality_judge(
                       for x, f in sets]
             stats[f"{kind}/{level:.2f}"] = float(scores[0].mean())
             stats[f"stereotype_gap/{kind}/{level:.2f}"] = float((scores[1] - scores[0]).abs().mean())
+            stats[f"stereotype_bias/{kind}/{level:.2f}"] = float((scores[1] - scores[0]).mean())
     stats["clean"], stats["stereotyped"] = (float(judge.score(x).mean()) for x, _ in sets)
     stats["stereotype_gap"] = max(v for k, v in stats.items() if k.startswith("stereotype_gap/"))
     return stats
@@ -408,13 +409,15 @@ def train_quality_judge(
 ) -> tuple[ToyQualityJudge, dict[str, float]]:
     """Train a :class:`ToyQualityJudge` on randomly degraded renders.
 
-    Training renders (``num_images``, all groups and genders, the stereotype on
-    about half, render seed ``2 * seed``) get fresh random degradations every
-    epoch (:func:`random_severities`: 20% clean, 45% one kind, 35% two kinds;
-    ``mix`` blends in another training face); the target is
-    :func:`quality_target`, which ignores the stereotype. Adam with a one-cycle
-    schedule on the squared error of the score / 10. Deterministic for a seed
-    and thread count; the caller's global torch RNG state is left untouched.
+    Training renders (``num_images``: ``num_images / 2`` faces of all groups and
+    genders, each rendered clean and stereotyped, render seed ``2 * seed``) get
+    fresh random degradations every epoch (:func:`random_severities`: 20% clean,
+    45% one kind, 35% two kinds; ``mix`` blends in another training face), the
+    same for both twins; the target is :func:`quality_target`, which ignores the
+    stereotype. Adam with a one-cycle schedule on the squared error of the score
+    / 10 for each twin plus the squared difference of the twins' scores.
+    Deterministic for a seed and thread count; the caller's global torch RNG
+    state is left untouched.
 
     Args:
         num_images: Training renders.
@@ -441,7 +444,13 @@ def train_quality_judge(
         raise ValueError(f"lr must be positive, got {lr!r}")
 
     started = time.perf_counter()
-    images, featureless = render_with_featureless(num_images, 2 * seed)
+    # Matched pairs: every training face is rendered clean and stereotyped (same pose, tones and background)
+    # and both get the same degradations and the same target, plus a term that asks for equal scores,
+    # so the judge learns that the stereotype is no quality defect at any degradation level.
+    half = (num_images + 1) // 2
+    clean, clean_featureless = render_with_featureless(half, 2 * seed, stereotype=False)
+    stereotyped, stereotyped_featureless = render_with_featureless(half, 2 * seed, stereotype=True)
+    num_images = half
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         judge = ToyQualityJudge(ToyQualityConfig(base_channels=base_channels))
@@ -464,8 +473,14 @@ def train_quality_judge(
                 # Another face for `mix`: a random other index (never the image itself).
                 other = (idx + torch.randint(1, num_images, (len(idx),), generator=gen)) % num_images
                 severities = random_severities(len(idx), gen)
-                x = apply_degradations(images[idx], severities, gen, featureless[idx], images[other])
-                loss = F.mse_loss(judge(x) / MAX_SCORE, quality_target(severities) / MAX_SCORE)
+                twin_gen = torch.Generator().manual_seed(0)
+                twin_gen.set_state(gen.get_state())  # the stereotyped twin gets the very same degradations
+                x = apply_degradations(clean[idx], severities, gen, clean_featureless[idx], clean[other])
+                x_twin = apply_degradations(stereotyped[idx], severities, twin_gen, stereotyped_featureless[idx], stereotyped[other])
+                scores = judge(torch.cat([x, x_twin])) / MAX_SCORE
+                target = quality_target(severities) / MAX_SCORE
+                score, score_twin = scores.chunk(2)
+                loss = F.mse_loss(score, target) + F.mse_loss(score_twin, target) + 4 * F.mse_loss(score_twin, score)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -173,7 +173,7 @@ class UNetTrainingConfig:
     norm_num_groups: int = 16
     text_hidden_size: int = 64
     text_max_length: int = 16
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 32
     learning_rate: float = 1e-3
     text_learning_rate: float = 5e-4
