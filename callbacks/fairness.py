@@ -4,7 +4,7 @@ Every ``every_n_val_epochs`` validation epochs, :class:`FairnessValidation` samp
 each (prompt, seed) of its config with the frozen backbone, with and without
 ``pl_module.correction()`` (inside ``pl_module.hparams.correction_window``),
 classifies the images (optionally on MTCNN face crops) and logs the metrics of
-:mod:`callbacks.metrics` as ``val/<metric>/<group>`` plus summaries
+:mod:`rsc.callbacks.metrics` as ``val/<metric>/<group>`` plus summaries
 (``val/<metric>/all``, ``val/<metric>/gap``); the uncorrected values are logged as
 ``val/<metric>_uncorrected/<group>``. An image grid (per group, uncorrected row
 above corrected row) is saved under ``<log dir>/fairness/`` and added to
@@ -43,7 +43,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from callbacks.metrics import (
+from rsc.callbacks.metrics import (
     AestheticScore,
     AttributeConsistency,
     DistributionFairness,

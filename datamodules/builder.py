@@ -17,7 +17,7 @@ The pipeline, for users with a real Stable Diffusion and a labelled face set:
    exactly one (or at least one) confident face, optionally cropped to it; images
    without a face are counted and dropped, on both sides.
 5. **Output**: a ``DatasetDict`` (``train``/``validation``) with the columns of
-   :mod:`datamodules.schema`, written with ``save_to_disk`` into a temporary folder
+   :mod:`rsc.datamodules.schema`, written with ``save_to_disk`` into a temporary folder
    next to ``out`` and renamed into place, plus ``build_report.json``.
 
 ``scripts/build_preference_dataset.py`` is the command-line front end.
@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 from PIL import Image
 
-from datamodules.schema import PREFERENCE_FEATURES, SPLITS
+from rsc.datamodules.schema import PREFERENCE_FEATURES, SPLITS
 
 if TYPE_CHECKING:
     from datasets import DatasetDict

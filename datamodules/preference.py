@@ -10,7 +10,7 @@ Dataset sources (``dataset=``)
 1. A folder written by ``DatasetDict.save_to_disk`` (it holds ``dataset_dict.json``),
    e.g. the toy world's ``rsc/toy/world/preferences``. A folder whose split
    subfolders were each written by ``Dataset.save_to_disk`` (``<split>/state.json``)
-   works too. Columns follow :mod:`datamodules.schema`; the image columns must be
+   works too. Columns follow :mod:`rsc.datamodules.schema`; the image columns must be
    ``datasets.Image`` features.
 2. An image-folder layout, one folder per split, each with *one* metadata file::
 
@@ -82,7 +82,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 import rsc
-from datamodules.schema import IMAGE_COLUMNS, REQUIRED_COLUMNS
+from rsc.datamodules.schema import IMAGE_COLUMNS, REQUIRED_COLUMNS
 from rsc.atomic import atomic_path, write_json_atomic
 from rsc.backbone import FrozenLDM, check_sd_pipeline_folder, is_hub_offline, looks_like_local_path
 from rsc.cache import cache_root

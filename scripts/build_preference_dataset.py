@@ -55,7 +55,7 @@ import json
 import sys
 from pathlib import Path
 
-from datamodules import builder
+from rsc.datamodules import builder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from callbacks.export import ExportRefiner
+from rsc.callbacks.export import ExportRefiner
 from rsc import __version__
 from rsc.export import (
     BackboneConfigs,

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from callbacks.fairness import FairnessValidation, ValidationPrompt
+from rsc.callbacks.fairness import FairnessValidation, ValidationPrompt
 from rsc.classifiers import ToyClassifier
 from rsc.module import RSCorrector
 from rsc.toy.data import toy_prompts
@@ -146,7 +146,7 @@ def test_shards_cover_every_item_once(world) -> None:  # noqa: ANN001
 def test_the_demo_config_builds_the_callback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import yaml
 
-    from datamodules.preference import PreferenceDataModule
+    from rsc.datamodules.preference import PreferenceDataModule
     from rsc.fit import RSCLightningCLI
 
     monkeypatch.chdir(REPO)  # the config's paths are relative to the repository, as in the demo

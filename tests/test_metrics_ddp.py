@@ -50,7 +50,7 @@ def metric_values(rank: int, world_size: int, clip_dir: str, lpips_weights: str)
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    from callbacks import metrics as m
+    from rsc.callbacks import metrics as m
     from rsc.classifiers.clip import CLIPEncoder
 
     encoder = CLIPEncoder(clip_dir)

@@ -13,13 +13,13 @@ import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 from PIL import Image
 
-from datamodules.preference import (
+from rsc.datamodules.preference import (
     BATCH_KEYS,
     CACHE_FILE,
     PreferenceDataModule,
     ShardedEvalSampler,
 )
-from datamodules.schema import PREFERENCE_FEATURES
+from rsc.datamodules.schema import PREFERENCE_FEATURES
 from rsc.backbone import FrozenLDM
 from rsc.images import uint8_to_tensor
 from rsc.random_models import build_random_sd
@@ -366,7 +366,7 @@ def test_shipped_toy_world_preferences(tmp_path: Path) -> None:
 
 _DDP_SCRIPT = '''
 import json, sys, torch, lightning as L
-from datamodules.preference import PreferenceDataModule
+from rsc.datamodules.preference import PreferenceDataModule
 
 dataset, backbone, cache, out = sys.argv[1:5]
 

@@ -6,7 +6,7 @@ to return a ``BaseModelOutputWithPooling`` (the projected embedding is its
 same code runs with transformers 4 and 5; torchmetrics 1.9's ``CLIPScore`` does not
 (``'BaseModelOutputWithPooling' object has no attribute 'norm'``, torchmetrics
 issue 3407, fixed upstream after 1.9), which is why
-:class:`callbacks.metrics.PromptFidelity` embeds through this class.
+:class:`rsc.callbacks.metrics.PromptFidelity` embeds through this class.
 """
 
 from __future__ import annotations
