@@ -38,7 +38,7 @@ import torch
 
 from benchmarking import interleaved_times
 from rsc.backbone import FrozenLDM
-from rsc.random_models import RandomSDSpec, build_random_sd, sd15_unet_config
+from rsc.testing import RandomSDSpec, build_random_sd, sd15_unet_config
 from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection
 from rsc.sampling import sample
 

@@ -29,7 +29,7 @@ from rsc.export import (
     recover_export,
 )
 from rsc.module import RSCorrector
-from rsc.random_models import RandomSDSpec, build_random_sd
+from rsc.testing import RandomSDSpec, build_random_sd
 
 
 class _RandomPairs(L.LightningDataModule):

@@ -165,7 +165,7 @@ def test_every_optional_metric_runs_and_faceless_images_are_counted(world, modul
     from PIL import Image
 
     from rsc.classifiers import LaionAestheticPredictor, MTCNNFaces
-    from rsc.classifiers.clip import save_random_clip
+    from rsc.testing import save_random_clip
 
     save_random_clip(tmp_path / "clip", seed=0)
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from rsc.backbone import FrozenLDM
 from rsc.export import BackboneConfigs, BackboneMismatchError, ExportInfo, export_refiner
 from rsc.frontends.diffusers import RefinerCallback
-from rsc.random_models import RandomSDSpec, build_random_sd
+from rsc.testing import RandomSDSpec, build_random_sd
 from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection
 from rsc.sampling import correction_step_indices, correction_timestep_indices, make_scheduler, sample
 

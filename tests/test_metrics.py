@@ -12,7 +12,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from rsc.callbacks import metrics as m
-from rsc.classifiers.clip import CLIPEncoder, save_random_clip
+from rsc.classifiers.clip import CLIPEncoder
+from rsc.testing import save_random_clip
 
 GROUPS = ("ardan", "belor", "cyran")
 NAN = float("nan")

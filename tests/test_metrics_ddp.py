@@ -117,7 +117,7 @@ def _free_port() -> int:
 def test_two_process_values_equal_single_process_values(tmp_path: Path) -> None:
     import torchvision
 
-    from rsc.classifiers.clip import save_random_clip
+    from rsc.testing import save_random_clip
 
     save_random_clip(tmp_path / "clip", seed=0)
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ from rsc.datamodules.preference import (
 from rsc.datamodules.schema import PREFERENCE_FEATURES
 from rsc.backbone import FrozenLDM
 from rsc.images import uint8_to_tensor
-from rsc.random_models import build_random_sd
+from rsc.testing import build_random_sd
 from rsc.toy.faces import render_faces
 
 PROMPTS = ("a photo of a belor woman", "a photo of a dovek man")
