@@ -7,7 +7,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from rsc.export import BackboneConfigs, ExportInfo, export_refiner, training_data_identity
+from rsc.export import ExportInfo, export_refiner, training_data_identity
+from rsc.identity import BackboneConfigs
 
 
 class ExportRefiner(Callback):

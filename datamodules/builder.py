@@ -32,7 +32,6 @@ import shutil
 import string
 import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -42,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 from PIL import Image
 
+from rsc.atomic import write_folder_atomic
 from rsc.datamodules.schema import PREFERENCE_FEATURES, SPLITS
 
 if TYPE_CHECKING:
@@ -392,31 +392,24 @@ def save_dataset_atomically(
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """``save_to_disk`` into a temporary folder next to ``out``, then rename it into place.
+    """``save_to_disk`` into a staging folder next to ``out``, then swap it in (:func:`rsc.atomic.write_folder_atomic`).
 
     Readers never see a half-written dataset; an existing ``out`` is replaced only with
-    ``overwrite=True`` (moved aside, then deleted after the rename). ``extra_files`` maps
-    file names to text written beside the splits (e.g. a build report).
+    ``overwrite=True``. ``extra_files`` maps file names to text written beside the splits
+    (e.g. a build report).
     """
     out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.writing-"))
-    try:
-        dataset.save_to_disk(str(temporary / "dataset"))
+
+    def refuse_unless_overwrite(directory: Path) -> None:
+        if directory.exists() and not overwrite:
+            raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
+
+    def write(staging: Path) -> None:
+        dataset.save_to_disk(str(staging))
         for name, text in (extra_files or {}).items():
-            (temporary / "dataset" / name).write_text(text, encoding="utf-8")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        os.replace(temporary / "dataset", out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    return out
+            (staging / name).write_text(text, encoding="utf-8")
+
+    return write_folder_atomic(out, write, refuse_unless_overwrite)
 
 
 def build_preference_dataset(

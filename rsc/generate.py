@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from rsc import __version__
 from rsc.atomic import atomic_path, write_json_atomic
 from rsc.backbone import DTYPES
-from rsc.export import BackboneConfigs, ExportInfo, load_refiner_for
+from rsc.export import ExportInfo, load_refiner_for
+from rsc.identity import BackboneConfigs
 from rsc.refiner import CONFIG_NAME
 
 # Sidecar fields that define an image: a finished image with other values is not this run's.

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from rsc.export import BackboneConfigs, load_refiner_for
+from rsc.export import load_refiner_for
+from rsc.identity import BackboneConfigs
 from rsc.refiner import LatentRefiner
 
 DATA = Path(__file__).resolve().parent / "data"

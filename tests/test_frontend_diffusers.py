@@ -11,7 +11,8 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from rsc.backbone import FrozenLDM
-from rsc.export import BackboneConfigs, BackboneMismatchError, ExportInfo, export_refiner
+from rsc.export import BackboneMismatchError, ExportInfo, export_refiner
+from rsc.identity import BackboneConfigs
 from rsc.frontends.diffusers import RefinerCallback
 from rsc.testing import RandomSDSpec, build_random_sd
 from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection

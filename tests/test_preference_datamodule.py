@@ -13,12 +13,10 @@ import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 from PIL import Image
 
-from rsc.datamodules.preference import (
-    BATCH_KEYS,
-    CACHE_FILE,
-    PreferenceDataModule,
-    ShardedEvalSampler,
-)
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler as ShardedEvalSampler
+
+from rsc.datamodules.cache import BATCH_KEYS, CACHE_FILE
+from rsc.datamodules.preference import PreferenceDataModule
 from rsc.datamodules.schema import PREFERENCE_FEATURES
 from rsc.backbone import FrozenLDM
 from rsc.images import uint8_to_tensor
