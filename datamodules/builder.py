@@ -13,9 +13,11 @@ The pipeline, for users with a real Stable Diffusion and a labelled face set:
    ``labels.csv`` of ``file_name,group,gender`` (FairFace-style;
    :func:`read_reference_labels`), paired with samples whose prompt names the same
    group (and gender, when the template names one).
-4. **Face filter** (:class:`FaceFilter`): facenet-pytorch's MTCNN keeps images with
-   exactly one (or at least one) confident face, optionally cropped to it; images
-   without a face are counted and dropped, on both sides.
+4. **Face filter** (:class:`FaceFilter`): facenet-pytorch's MTCNN
+   (:class:`rsc.classifiers.faces.MTCNNFaceDetector`) keeps images with exactly one
+   (or at least one) confident face, optionally cropped to it by the same rule as the
+   metrics' face crops (:class:`rsc.classifiers.faces.FacePolicy`); images without a
+   face are counted and dropped, on both sides.
 5. **Output**: a ``DatasetDict`` (``train``/``validation``) with the columns of
    :mod:`rsc.datamodules.schema`, written with ``save_to_disk`` into a temporary folder
    next to ``out`` and renamed into place, plus ``build_report.json``.
@@ -42,6 +44,7 @@ import numpy as np
 from PIL import Image
 
 from rsc.atomic import write_folder_atomic
+from rsc.classifiers.faces import FacePolicy
 from rsc.datamodules.schema import PREFERENCE_FEATURES, SPLITS
 
 if TYPE_CHECKING:
@@ -51,7 +54,7 @@ if TYPE_CHECKING:
 
 TEMPLATE_FIELDS: tuple[str, ...] = ("group", "gender", "profession")
 LABEL_COLUMNS: tuple[str, ...] = ("file_name", "group", "gender")
-FacePolicy = Literal["exactly_one", "at_least_one"]
+FaceCount = Literal["exactly_one", "at_least_one"]
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -235,23 +238,6 @@ class FaceDetector(Protocol):
         ...
 
 
-class MTCNNFaceDetector:
-    """facenet-pytorch's MTCNN (its weights ship inside the package: no download)."""
-
-    def __init__(self, device: str = "cpu", min_face_size: int = 20) -> None:
-        """Args: device: torch device for the three MTCNN nets; min_face_size: smallest face side in pixels."""
-        from facenet_pytorch import MTCNN
-
-        self.mtcnn = MTCNN(keep_all=True, device=device, min_face_size=min_face_size)
-
-    def detect(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-        """Boxes (K, 4) and probabilities (K,) of the faces in ``image``."""
-        boxes, probs = self.mtcnn.detect(image.convert("RGB"))
-        if boxes is None:
-            return np.zeros((0, 4), dtype=np.float32), np.zeros((0,), dtype=np.float32)
-        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(probs, dtype=np.float32).reshape(-1)
-
-
 @dataclass(frozen=True)
 class FaceCheck:
     """The face filter's verdict on one image."""
@@ -263,54 +249,43 @@ class FaceCheck:
     box: tuple[float, float, float, float] | None = None
 
 
-def crop_face(image: Image.Image, box: Sequence[float], margin: float = 0.3) -> Image.Image:
-    """A square crop around ``box`` grown by ``margin`` of its larger side on each side, clipped to the image."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    side = max(x1 - x0, y1 - y0) * (1.0 + 2.0 * margin)
-    side = min(side, image.width, image.height)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    left = int(round(min(max(cx - side / 2, 0.0), image.width - side)))
-    top = int(round(min(max(cy - side / 2, 0.0), image.height - side)))
-    return image.crop((left, top, left + int(round(side)), top + int(round(side))))
-
-
 class FaceFilter:
-    """Keep images with exactly one (or at least one) confident face; optionally crop to the most confident one."""
+    """Keep images with exactly one (or at least one) counted face; optionally crop to the kept one.
+
+    Which faces count, which is kept and the crop window follow :class:`rsc.classifiers.faces.FacePolicy`,
+    the rule the metrics' face crops follow too, so training data is cropped as evaluation crops.
+    """
 
     def __init__(
         self,
         detector: FaceDetector,
-        min_confidence: float = 0.95,
-        policy: FacePolicy = "exactly_one",
+        min_confidence: float = FacePolicy.min_confidence,
+        policy: FaceCount = "exactly_one",
         crop: bool = False,
-        crop_margin: float = 0.3,
+        crop_margin: float = FacePolicy.margin,
     ) -> None:
-        """Args: detector: finds faces; min_confidence: a face counts above this probability;
-        policy: ``"exactly_one"`` or ``"at_least_one"`` confident face; crop: return the crop around the
-        most confident face; crop_margin: crop margin as a fraction of the face box's larger side."""
+        """Args: detector: finds faces (e.g. :class:`rsc.classifiers.faces.MTCNNFaceDetector`);
+        min_confidence: a face counts from this probability on; policy: ``"exactly_one"`` or
+        ``"at_least_one"`` counted face; crop: return the crop around the kept face; crop_margin: crop
+        margin as a fraction of the face box's larger side."""
         if policy not in ("exactly_one", "at_least_one"):
             raise ValueError(f"policy must be 'exactly_one' or 'at_least_one', got {policy!r}")
-        if not 0.0 <= min_confidence <= 1.0:
-            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+        self.faces = FacePolicy(min_confidence, crop_margin)
         self.detector = detector
-        self.min_confidence = min_confidence
         self.policy = policy
         self.crop = crop
-        self.crop_margin = crop_margin
 
     def check(self, image: Image.Image) -> FaceCheck:
         """Detect faces in ``image`` and decide whether to keep it."""
         image = image.convert("RGB")
         boxes, probs = self.detector.detect(image)
-        confident = np.flatnonzero(np.asarray(probs, dtype=np.float64) >= self.min_confidence)
-        count = int(len(confident))
-        if count == 0:
+        count, kept_index = self.faces.choose(boxes, probs)
+        if kept_index is None:
             return FaceCheck(False, 0, "no face", image)
         if count > 1 and self.policy == "exactly_one":
             return FaceCheck(False, count, "multiple faces", image)
-        best = confident[int(np.argmax(np.asarray(probs)[confident]))]
-        box = tuple(float(v) for v in boxes[best])
-        kept = crop_face(image, box, self.crop_margin) if self.crop else image
+        box = tuple(float(v) for v in np.asarray(boxes)[kept_index])
+        kept = self.faces.crop_image(image, box) if self.crop else image  # type: ignore[arg-type]
         return FaceCheck(True, count, None, kept, box)  # type: ignore[arg-type]
 
 
