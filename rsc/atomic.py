@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -133,4 +133,26 @@ def write_folder_atomic(
     os.rename(staging, directory)
     fsync_path(directory.parent)
     shutil.rmtree(aside, ignore_errors=True)
+    return directory
+
+
+# ---------------------------------------------------------------------- weights beside a config
+def write_safetensors_atomic(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
+    """Write a state dict as safetensors (CPU, contiguous copies), atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {name: value.detach().cpu().contiguous() for name, value in state.items()}
+    with atomic_path(path) as temporary:
+        save_file(tensors, temporary, metadata={"format": "pt"})
+
+
+def require_files(directory: str | os.PathLike[str], names: Iterable[str], writer: str) -> Path:
+    """``directory`` as a Path, or FileNotFoundError naming the first of ``names`` it lacks and who writes them."""
+    directory = Path(directory)
+    names = list(names)
+    for name in names:
+        if not (directory / name).is_file():
+            raise FileNotFoundError(
+                f"{directory / name} not found: a folder written by {writer} holds {' and '.join(names)}"
+            )
     return directory
