@@ -67,9 +67,9 @@ class ExportInfo:
         correction_window: Fractions (start, end) of the sampling trajectory to correct (0 = pure noise).
         strength: Default sampling strength s in ``z_t + s * R(z_t, t, c)``.
         backbone: Hub id or path of the backbone the refiner was trained for.
-        backbone_fingerprint: :func:`backbone_fingerprint` of that backbone's configs (``None`` in old exports).
+        backbone_fingerprint: :func:`rsc.identity.backbone_fingerprint` of that backbone's configs (``None`` in old exports).
         backbone_weights: Signature of a few of that backbone's weights (``None`` in exports written
-            before rsc recorded it), see :func:`compare_weight_signatures`.
+            before rsc recorded it), see :func:`rsc.signature.compare_weight_signatures`.
         backbone_config: For a single-file backbone, the diffusers folder with its configs.
         prediction_type: The backbone's prediction type (epsilon, v_prediction, sample).
         training_data: Identity of the training data (``{"dataset": ...}``), if known.

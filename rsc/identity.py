@@ -103,7 +103,7 @@ class BackboneConfigs:
     Build with :meth:`from_components` (a loaded pipeline or ``FrozenLDM``) or
     :meth:`from_source` (a diffusers folder or cached Hub id, reading only the
     probe tensors). Built from configs alone (``weights=None``) it cannot pass
-    :func:`load_refiner_for`'s weight check without ``allow_mismatch``.
+    :func:`rsc.export.load_refiner_for`'s weight check without ``allow_mismatch``.
     """
 
     unet: Mapping[str, Any]
