@@ -137,7 +137,15 @@ class BackboneConfigs:
         from transformers import AutoConfig
 
         source = os.fspath(source)
-        if backbone_location(source) == "single_file":
+        unreadable = (
+            f"cannot read the UNet / text-encoder / scheduler configs of backbone {source!r} "
+            "(a diffusers folder or a cached Hub id is needed for the fingerprint)"
+        )
+        try:
+            location = backbone_location(source)
+        except FileNotFoundError as error:
+            raise OSError(f"{unreadable}: {error}") from error
+        if location == "single_file":
             if config is None:
                 raise ValueError(
                     f"backbone {source} is a single-file checkpoint; its configs come from `backbone_config` "
@@ -158,10 +166,7 @@ class BackboneConfigs:
             text_encoder = AutoConfig.from_pretrained(source, subfolder="text_encoder", **where)
             scheduler = DDPMScheduler.load_config(source, subfolder="scheduler", **where)
         except (OSError, ValueError) as error:
-            raise OSError(
-                f"cannot read the UNet / text-encoder / scheduler configs of backbone {source!r} "
-                f"(a diffusers folder or a cached Hub id is needed for the fingerprint): {error}"
-            ) from error
+            raise OSError(f"{unreadable}: {error}") from error
         weights = weight_signature_from_files(source, revision=revision, local_files_only=local_files_only)
         return cls(unet, text_encoder, scheduler.get("prediction_type", "epsilon"), weights=weights)
 
