@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 
-from rsc.export import BackboneConfigs, ExportInfo, export_refiner, training_data_identity
+from rsc.callbacks.protocol import as_corrector
+from rsc.export import ExportInfo, export_refiner, training_data_identity
+from rsc.identity import BackboneConfigs
 
 
 class ExportRefiner(Callback):
@@ -31,11 +35,12 @@ class ExportRefiner(Callback):
         root = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "refiner")
         if not trainer.is_global_zero:
             return
-        ldm = pl_module.ldm
+        corrector = as_corrector(pl_module, "ExportRefiner")
+        ldm = corrector.ldm
         info = ExportInfo.from_training(
-            {**pl_module.hparams, **pl_module.export_config()},
+            corrector.export_config(),
             BackboneConfigs.from_components(ldm.unet, ldm.text_encoder, ldm.scheduler),
             training_data_identity(getattr(getattr(trainer, "datamodule", None), "hparams", None)),
         )
-        self.exported_to = export_refiner(pl_module.refiner, root, info)
-        print(f"refiner exported to {root}")
+        self.exported_to = export_refiner(corrector.refiner, root, info)
+        rank_zero_info(f"refiner exported to {root}")

@@ -2,9 +2,9 @@
 
 Every ``every_n_val_epochs`` validation epochs, :class:`FairnessValidation` samples
 each (prompt, seed) of its config with the frozen backbone, with and without
-``pl_module.correction()`` (inside ``pl_module.hparams.correction_window``),
+``correction()`` inside ``correction_window`` of the module (:class:`rsc.callbacks.protocol.CorrectorModule`),
 classifies the images (optionally on MTCNN face crops) and logs the metrics of
-:mod:`callbacks.metrics` as ``val/<metric>/<group>`` plus summaries
+:mod:`rsc.callbacks.metrics` as ``val/<metric>/<group>`` plus summaries
 (``val/<metric>/all``, ``val/<metric>/gap``); the uncorrected values are logged as
 ``val/<metric>_uncorrected/<group>``. An image grid (per group, uncorrected row
 above corrected row) is saved under ``<log dir>/fairness/`` and added to
@@ -43,7 +43,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from callbacks.metrics import (
+from rsc.callbacks.metrics import (
     AestheticScore,
     AttributeConsistency,
     DistributionFairness,
@@ -54,6 +54,7 @@ from callbacks.metrics import (
     StereotypeRate,
     find_local_lpips_backbone,
 )
+from rsc.callbacks.protocol import CorrectorModule, as_corrector
 from rsc.classifiers.base import AestheticPredictor, AttributeClassifier, module_device
 from rsc.classifiers.clip import CLIPEncoder
 from rsc.classifiers.faces import MTCNNFaces
@@ -260,16 +261,17 @@ class FairnessValidation(Callback):
         rank, world_size = trainer.global_rank, trainer.world_size
         shard = self._shard(rank, world_size)
         timing: dict[str, float] = {}
-        key = (str(getattr(pl_module.hparams, "backbone", id(pl_module.ldm))), rank, world_size)
+        corrector = as_corrector(pl_module, "FairnessValidation")
+        key = (str(corrector.export_config()["backbone"]), rank, world_size)
         if self._baseline is None or self._baseline["key"] != key:
             tick = time.perf_counter()
-            images = self._sample(pl_module, shard, correction=False)
+            images = self._sample(corrector, shard, correction=False)
             self._baseline = {"key": key, "images": images, "analysis": self._analyse(images), "values": None}
             self._metrics = None
             self._references_added = False
             timing["uncorrected_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        corrected = self._sample(pl_module, shard, correction=True)
+        corrected = self._sample(corrector, shard, correction=True)
         timing["corrected_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -296,15 +298,14 @@ class FairnessValidation(Callback):
         )
         return values
 
-    def _sample(self, pl_module: L.LightningModule, shard: _Shard, correction: bool) -> Tensor:
+    def _sample(self, corrector: CorrectorModule, shard: _Shard, correction: bool) -> Tensor:
         if not shard.prompts:  # more ranks than items
-            size = pl_module.ldm.image_size
+            size = corrector.ldm.image_size
             return torch.zeros(0, 3, size, size)
         kwargs: dict[str, Any] = {}
         if correction:
-            kwargs = {"correction": pl_module.correction(),
-                      "correction_window": tuple(pl_module.hparams.correction_window)}
-        return sample(pl_module.ldm, shard.prompts, shard.seeds, steps=self.steps, guidance_scale=self.guidance_scale,
+            kwargs = {"correction": corrector.correction(), "correction_window": corrector.correction_window}
+        return sample(corrector.ldm, shard.prompts, shard.seeds, steps=self.steps, guidance_scale=self.guidance_scale,
                       batch_size=self.batch_size, progress=False, **kwargs).images
 
     def _analyse(self, images: Tensor) -> _Analysis:

@@ -13,11 +13,13 @@ The pipeline, for users with a real Stable Diffusion and a labelled face set:
    ``labels.csv`` of ``file_name,group,gender`` (FairFace-style;
    :func:`read_reference_labels`), paired with samples whose prompt names the same
    group (and gender, when the template names one).
-4. **Face filter** (:class:`FaceFilter`): facenet-pytorch's MTCNN keeps images with
-   exactly one (or at least one) confident face, optionally cropped to it; images
-   without a face are counted and dropped, on both sides.
+4. **Face filter** (:class:`FaceFilter`): facenet-pytorch's MTCNN
+   (:class:`rsc.classifiers.faces.MTCNNFaceDetector`) keeps images with exactly one
+   (or at least one) confident face, optionally cropped to it by the same rule as the
+   metrics' face crops (:class:`rsc.classifiers.faces.FacePolicy`); images without a
+   face are counted and dropped, on both sides.
 5. **Output**: a ``DatasetDict`` (``train``/``validation``) with the columns of
-   :mod:`datamodules.schema`, written with ``save_to_disk`` into a temporary folder
+   :mod:`rsc.datamodules.schema`, written with ``save_to_disk`` into a temporary folder
    next to ``out`` and renamed into place, plus ``build_report.json``.
 
 ``scripts/build_preference_dataset.py`` is the command-line front end.
@@ -25,205 +27,32 @@ The pipeline, for users with a real Stable Diffusion and a labelled face set:
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
-import string
 import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 from PIL import Image
 
-from datamodules.schema import PREFERENCE_FEATURES, SPLITS
+from rsc.atomic import write_folder_atomic
+from rsc.classifiers.faces import FacePolicy
+from rsc.datamodules.build_config import BuildConfig, PromptSpec, expand_prompts, read_reference_labels
+from rsc.datamodules.schema import PREFERENCE_FEATURES, SPLITS
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
 
     from rsc.backbone import FrozenLDM
 
-TEMPLATE_FIELDS: tuple[str, ...] = ("group", "gender", "profession")
-LABEL_COLUMNS: tuple[str, ...] = ("file_name", "group", "gender")
-FacePolicy = Literal["exactly_one", "at_least_one"]
+FaceCount = Literal["exactly_one", "at_least_one"]
 
-
-# ---------------------------------------------------------------------------------------------- config
-@dataclass
-class BuildConfig:
-    """What to generate and how to pair it; read from JSON/YAML with :meth:`from_file`.
-
-    Attributes:
-        template: Prompt template with ``{group}`` and optionally ``{gender}`` and/or ``{profession}``.
-        groups: Group labels exactly as written in the reference ``labels.csv``.
-        genders: Gender labels as in ``labels.csv`` (needed when the template has ``{gender}``).
-        professions: Words for ``{profession}``.
-        prompt_words: Label -> words in the prompt, where they differ (e.g. a label ``Female`` -> ``woman``).
-        samples_per_prompt: SD samples drawn per prompt (before face filtering).
-        first_seed: Sample ``j`` of every prompt uses seed ``first_seed + j``.
-        steps: Sampling steps.
-        guidance_scale: Classifier-free guidance scale.
-        scheduler: A diffusers scheduler class name, or ``None`` for the model's own.
-        validation_fraction: Share of pairs in the validation split (at least one pair).
-        seed: Seed of the pairing and of the split.
-    """
-
-    template: str = "a photo of a {group} {gender}"
-    groups: list[str] = field(default_factory=list)
-    genders: list[str] = field(default_factory=list)
-    professions: list[str] = field(default_factory=list)
-    prompt_words: dict[str, str] = field(default_factory=dict)
-    samples_per_prompt: int = 16
-    first_seed: int = 0
-    steps: int = 30
-    guidance_scale: float = 7.5
-    scheduler: str | None = None
-    validation_fraction: float = 0.1
-    seed: int = 0
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> BuildConfig:
-        """Read a JSON (``.json``) or YAML (``.yaml``/``.yml``) file whose keys are this class's fields."""
-        path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() in {".yaml", ".yml"}:
-            import yaml
-
-            data = yaml.safe_load(text)
-        elif path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            raise ValueError(f"config file {path} must end in .json, .yaml or .yml")
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping of settings, got a {type(data).__name__}")
-        return cls.from_dict(data, origin=str(path))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], origin: str = "config") -> BuildConfig:
-        """Build from a mapping, rejecting unknown keys (typos would otherwise be silently ignored)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{origin}: unknown setting(s) {unknown}; known settings are {sorted(known)}")
-        config = cls(**data)
-        config.validate(origin)
-        return config
-
-    def placeholders(self) -> list[str]:
-        """The template's placeholders, in order of appearance."""
-        return [name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None]
-
-    def validate(self, origin: str = "config") -> None:
-        """Raise ``ValueError`` naming the field when the settings cannot build a dataset."""
-        names = self.placeholders()
-        unknown = sorted(set(names) - set(TEMPLATE_FIELDS))
-        if unknown:
-            raise ValueError(
-                f"{origin}: template {self.template!r} has unknown placeholder(s) {unknown}; "
-                f"allowed: {list(TEMPLATE_FIELDS)}"
-            )
-        if "group" not in names:
-            raise ValueError(f"{origin}: template {self.template!r} must contain {{group}}: pairs are matched by group")
-        for name, values in (("group", self.groups), ("gender", self.genders), ("profession", self.professions)):
-            if name in names and not values:
-                raise ValueError(f"{origin}: template uses {{{name}}} but `{name}s` is empty; list the values to use")
-            if len(set(values)) != len(values):
-                raise ValueError(f"{origin}: `{name}s` has duplicates: {values}")
-        if self.samples_per_prompt < 1:
-            raise ValueError(f"{origin}: samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
-        if self.steps < 1:
-            raise ValueError(f"{origin}: steps must be >= 1, got {self.steps}")
-        if not 0.0 < self.validation_fraction < 1.0:
-            raise ValueError(f"{origin}: validation_fraction must be in (0, 1), got {self.validation_fraction}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict."""
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class PromptSpec:
-    """One prompt and the attribute labels it names (``None`` where the template has no such placeholder)."""
-
-    prompt: str
-    group: str
-    gender: str | None = None
-    profession: str | None = None
-
-    @property
-    def pairing_key(self) -> tuple[str, str | None]:
-        """References must match this (group, gender); gender ``None`` matches any."""
-        return self.group, self.gender
-
-
-def expand_prompts(config: BuildConfig) -> list[PromptSpec]:
-    """Every combination of the template's attributes, in the order of the config's lists."""
-    config.validate()
-    names = config.placeholders()
-    words = config.prompt_words
-    specs = []
-    for group in config.groups:
-        for gender in config.genders if "gender" in names else [None]:
-            for profession in config.professions if "profession" in names else [None]:
-                values = {
-                    "group": words.get(group, group),
-                    "gender": words.get(gender, gender) if gender is not None else "",
-                    "profession": profession or "",
-                }
-                prompt = " ".join(config.template.format(**values).split())
-                specs.append(PromptSpec(prompt, group, gender, profession))
-    return specs
-
-
-# ---------------------------------------------------------------------------------------------- references
-@dataclass(frozen=True)
-class ReferenceImage:
-    """A labelled reference photo."""
-
-    path: Path
-    group: str
-    gender: str
-
-
-def read_reference_labels(folder: str | os.PathLike[str], labels_file: str = "labels.csv") -> list[ReferenceImage]:
-    """Read ``folder/labels_file`` (CSV with ``file_name,group,gender``; paths relative to ``folder``).
-
-    Raises ``ValueError`` naming the file and line for a missing column, an empty
-    cell or a file that does not exist.
-    """
-    folder = Path(folder)
-    labels_path = folder / labels_file
-    if not labels_path.is_file():
-        raise FileNotFoundError(
-            f"reference folder {folder} has no {labels_file} (expected columns {list(LABEL_COLUMNS)})"
-        )
-    references = []
-    with labels_path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in LABEL_COLUMNS if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(
-                f"{labels_path} lacks column(s) {missing}: it has {reader.fieldnames}; expected {list(LABEL_COLUMNS)}"
-            )
-        for line, record in enumerate(reader, start=2):
-            empty = [column for column in LABEL_COLUMNS if not (record.get(column) or "").strip()]
-            if empty:
-                raise ValueError(f"{labels_path} line {line}: empty {empty}; every row needs {list(LABEL_COLUMNS)}")
-            path = folder / record["file_name"].strip()
-            if not path.is_file():
-                raise ValueError(
-                    f"{labels_path} line {line}: file_name {record['file_name']!r} -> {path} does not exist"
-                )
-            references.append(ReferenceImage(path, record["group"].strip(), record["gender"].strip()))
-    if not references:
-        raise ValueError(f"{labels_path} lists no images")
-    return references
 
 
 # ---------------------------------------------------------------------------------------------- faces
@@ -233,23 +62,6 @@ class FaceDetector(Protocol):
     def detect(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
         """Boxes and probabilities of the faces in an RGB image (K = 0 when there are none)."""
         ...
-
-
-class MTCNNFaceDetector:
-    """facenet-pytorch's MTCNN (its weights ship inside the package: no download)."""
-
-    def __init__(self, device: str = "cpu", min_face_size: int = 20) -> None:
-        """Args: device: torch device for the three MTCNN nets; min_face_size: smallest face side in pixels."""
-        from facenet_pytorch import MTCNN
-
-        self.mtcnn = MTCNN(keep_all=True, device=device, min_face_size=min_face_size)
-
-    def detect(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-        """Boxes (K, 4) and probabilities (K,) of the faces in ``image``."""
-        boxes, probs = self.mtcnn.detect(image.convert("RGB"))
-        if boxes is None:
-            return np.zeros((0, 4), dtype=np.float32), np.zeros((0,), dtype=np.float32)
-        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(probs, dtype=np.float32).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -263,54 +75,43 @@ class FaceCheck:
     box: tuple[float, float, float, float] | None = None
 
 
-def crop_face(image: Image.Image, box: Sequence[float], margin: float = 0.3) -> Image.Image:
-    """A square crop around ``box`` grown by ``margin`` of its larger side on each side, clipped to the image."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    side = max(x1 - x0, y1 - y0) * (1.0 + 2.0 * margin)
-    side = min(side, image.width, image.height)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    left = int(round(min(max(cx - side / 2, 0.0), image.width - side)))
-    top = int(round(min(max(cy - side / 2, 0.0), image.height - side)))
-    return image.crop((left, top, left + int(round(side)), top + int(round(side))))
-
-
 class FaceFilter:
-    """Keep images with exactly one (or at least one) confident face; optionally crop to the most confident one."""
+    """Keep images with exactly one (or at least one) counted face; optionally crop to the kept one.
+
+    Which faces count, which is kept and the crop window follow :class:`rsc.classifiers.faces.FacePolicy`,
+    the rule the metrics' face crops follow too, so training data is cropped as evaluation crops.
+    """
 
     def __init__(
         self,
         detector: FaceDetector,
-        min_confidence: float = 0.95,
-        policy: FacePolicy = "exactly_one",
+        min_confidence: float = FacePolicy.min_confidence,
+        policy: FaceCount = "exactly_one",
         crop: bool = False,
-        crop_margin: float = 0.3,
+        crop_margin: float = FacePolicy.margin,
     ) -> None:
-        """Args: detector: finds faces; min_confidence: a face counts above this probability;
-        policy: ``"exactly_one"`` or ``"at_least_one"`` confident face; crop: return the crop around the
-        most confident face; crop_margin: crop margin as a fraction of the face box's larger side."""
+        """Args: detector: finds faces (e.g. :class:`rsc.classifiers.faces.MTCNNFaceDetector`);
+        min_confidence: a face counts from this probability on; policy: ``"exactly_one"`` or
+        ``"at_least_one"`` counted face; crop: return the crop around the kept face; crop_margin: crop
+        margin as a fraction of the face box's larger side."""
         if policy not in ("exactly_one", "at_least_one"):
             raise ValueError(f"policy must be 'exactly_one' or 'at_least_one', got {policy!r}")
-        if not 0.0 <= min_confidence <= 1.0:
-            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+        self.faces = FacePolicy(min_confidence, crop_margin)
         self.detector = detector
-        self.min_confidence = min_confidence
         self.policy = policy
         self.crop = crop
-        self.crop_margin = crop_margin
 
     def check(self, image: Image.Image) -> FaceCheck:
         """Detect faces in ``image`` and decide whether to keep it."""
         image = image.convert("RGB")
         boxes, probs = self.detector.detect(image)
-        confident = np.flatnonzero(np.asarray(probs, dtype=np.float64) >= self.min_confidence)
-        count = int(len(confident))
-        if count == 0:
+        count, kept_index = self.faces.choose(boxes, probs)
+        if kept_index is None:
             return FaceCheck(False, 0, "no face", image)
         if count > 1 and self.policy == "exactly_one":
             return FaceCheck(False, count, "multiple faces", image)
-        best = confident[int(np.argmax(np.asarray(probs)[confident]))]
-        box = tuple(float(v) for v in boxes[best])
-        kept = crop_face(image, box, self.crop_margin) if self.crop else image
+        box = tuple(float(v) for v in np.asarray(boxes)[kept_index])
+        kept = self.faces.crop_image(image, box) if self.crop else image  # type: ignore[arg-type]
         return FaceCheck(True, count, None, kept, box)  # type: ignore[arg-type]
 
 
@@ -392,31 +193,24 @@ def save_dataset_atomically(
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """``save_to_disk`` into a temporary folder next to ``out``, then rename it into place.
+    """``save_to_disk`` into a staging folder next to ``out``, then swap it in (:func:`rsc.atomic.write_folder_atomic`).
 
     Readers never see a half-written dataset; an existing ``out`` is replaced only with
-    ``overwrite=True`` (moved aside, then deleted after the rename). ``extra_files`` maps
-    file names to text written beside the splits (e.g. a build report).
+    ``overwrite=True``. ``extra_files`` maps file names to text written beside the splits
+    (e.g. a build report).
     """
     out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.writing-"))
-    try:
-        dataset.save_to_disk(str(temporary / "dataset"))
+
+    def refuse_unless_overwrite(directory: Path) -> None:
+        if directory.exists() and not overwrite:
+            raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
+
+    def write(staging: Path) -> None:
+        dataset.save_to_disk(str(staging))
         for name, text in (extra_files or {}).items():
-            (temporary / "dataset" / name).write_text(text, encoding="utf-8")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        os.replace(temporary / "dataset", out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    return out
+            (staging / name).write_text(text, encoding="utf-8")
+
+    return write_folder_atomic(out, write, refuse_unless_overwrite)
 
 
 def build_preference_dataset(

@@ -9,11 +9,10 @@ flow *through* it (to a refiner's output), which is what the training loss needs
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 from diffusers import (
@@ -27,11 +26,10 @@ from huggingface_hub import constants as hub_constants
 from torch import Tensor, nn
 from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
-if TYPE_CHECKING:
-    from rsc.sampling import CorrectionFn, SampleOutput
+from rsc.hub import backbone_location, check_sd_pipeline_folder, is_hub_offline
+# The sampler depends on FrozenLDM only for type hints, so the dependency runs one way: backbone -> sampling.
+from rsc.sampling import CorrectionFn, SampleOutput, sample
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-SD_PIPELINE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 # The backbone dtypes a config or command line can name.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -47,49 +45,6 @@ class PromptEmbeddings:
 
     cond: Tensor
     uncond: Tensor | None = None
-
-
-def is_hub_offline() -> bool:
-    """Whether Hugging Face Hub access is off (``HF_HUB_OFFLINE``), read at call time."""
-    # Read at call time: tests and users set HF_HUB_OFFLINE after importing.
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"} or bool(
-        hub_constants.HF_HUB_OFFLINE
-    )
-
-
-def looks_like_local_path(source: str) -> bool:
-    """Whether ``source`` is meant as a filesystem path rather than a Hub id."""
-    # A Hub id is "name" or "org/name"; anything else that is not on disk is a missing path.
-    return (
-        os.path.isabs(source)
-        or source.startswith((".", "~"))
-        or source.count("/") > 1
-        or "\\" in source
-        or source.lower().endswith(SINGLE_FILE_SUFFIXES)
-    )
-
-
-def check_sd_pipeline_folder(folder: Path) -> None:
-    """Raise a clear error unless ``folder`` is a diffusers Stable Diffusion pipeline folder."""
-    index_file = folder / "model_index.json"
-    if not index_file.is_file():
-        raise ValueError(
-            f"{folder} is not a diffusers pipeline folder: it has no model_index.json. Expected a folder "
-            f"written by StableDiffusionPipeline.save_pretrained with subfolders {list(SD_PIPELINE_COMPONENTS)}"
-        )
-    try:
-        index = json.loads(index_file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{index_file} is not valid JSON: {error}") from error
-    missing = [name for name in SD_PIPELINE_COMPONENTS if not index.get(name) or index[name][0] is None]
-    if missing:
-        raise ValueError(
-            f"{folder} is not a Stable Diffusion pipeline: model_index.json lacks the components {missing} "
-            f"(it names {sorted(k for k in index if not k.startswith('_'))})"
-        )
-    absent = [name for name in SD_PIPELINE_COMPONENTS if not (folder / name).is_dir()]
-    if absent:
-        raise ValueError(f"{folder} is not a complete Stable Diffusion pipeline: missing subfolders {absent}")
 
 
 def load_sd_pipeline(
@@ -120,9 +75,8 @@ def load_sd_pipeline(
     if dtype is not None:
         common["dtype"] = dtype
 
-    if path.is_file() or (source_str.lower().endswith(SINGLE_FILE_SUFFIXES) and not path.is_dir()):
-        if not path.is_file():
-            raise FileNotFoundError(f"single-file checkpoint {path} does not exist")
+    location = backbone_location(source_str)
+    if location == "single_file":
         if config is None and offline:
             raise ValueError(
                 f"single-file checkpoint {path} needs `config`: a local diffusers folder (or cached Hub id) of "
@@ -139,12 +93,9 @@ def load_sd_pipeline(
             str(path), config=config, local_files_only=offline, **common
         )
 
-    if path.is_dir():
+    if location == "folder":
         check_sd_pipeline_folder(path)
         return StableDiffusionPipeline.from_pretrained(str(path), variant=variant, **common)
-
-    if looks_like_local_path(source_str):
-        raise FileNotFoundError(f"{source_str} does not exist (expected a diffusers folder or a Hub id)")
 
     try:
         return StableDiffusionPipeline.from_pretrained(
@@ -390,6 +341,4 @@ class FrozenLDM(nn.Module):
         **kwargs: Any,
     ) -> SampleOutput:
         """Text-to-image sampling with an optional latent correction; see :func:`rsc.sampling.sample`."""
-        from rsc.sampling import sample
-
         return sample(self, prompts, seeds, steps=steps, guidance_scale=guidance_scale, correction=correction, **kwargs)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, fields
 from typing import Any, TypeVar
 
 ConfigT = TypeVar("ConfigT", bound="IntegerConfig")
+
+
+def json_value(value: Any) -> Any:
+    """The JSON form of ``value`` (tuples become lists, FrozenDicts dicts, other objects strings), for comparing and writing."""
+    return json.loads(json.dumps(value, default=str))
 
 
 class IntegerConfig:

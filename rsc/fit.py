@@ -1,7 +1,7 @@
 """``python -m rsc.fit --config configs/toy.yaml``: train a refiner with LightningCLI.
 
 Every argument of :class:`rsc.module.RSCorrector` (``--model.*``), of
-:class:`datamodules.preference.PreferenceDataModule` (``--data.*``) and of the
+:class:`rsc.datamodules.preference.PreferenceDataModule` (``--data.*``) and of the
 Lightning ``Trainer`` (``--trainer.*``) is configurable from YAML, the command
 line or environment variables (``RSC_FIT_MODEL__LEARNING_RATE=...``, below a
 ``--config`` file and flags in precedence).
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from datamodules.preference import PreferenceDataModule
+from rsc.datamodules.preference import PreferenceDataModule
 from rsc.module import RSCorrector
 
 

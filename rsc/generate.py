@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 from dataclasses import dataclass
@@ -33,8 +34,11 @@ from tqdm.auto import tqdm
 from rsc import __version__
 from rsc.atomic import atomic_path, write_json_atomic
 from rsc.backbone import DTYPES
-from rsc.export import BackboneConfigs, ExportInfo, load_refiner_for
+from rsc.export import ExportInfo, load_refiner_for
+from rsc.identity import BackboneConfigs
 from rsc.refiner import CONFIG_NAME
+
+log = logging.getLogger(__name__)
 
 # Sidecar fields that define an image: a finished image with other values is not this run's.
 IDENTITY_FIELDS = (
@@ -240,6 +244,7 @@ def main(argv: list[str] | None = None) -> GenerateSummary:
                         "e.g. a fine-tune (a deliberate transfer)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         summary = generate(
             args.refiner, args.prompts, args.out, backbone=args.backbone, seeds=args.seeds,
@@ -250,7 +255,7 @@ def main(argv: list[str] | None = None) -> GenerateSummary:
         )
     except (OSError, ValueError) as error:
         parser.exit(2, f"rsc.generate: error: {error}\n")
-    print(f"{summary.generated} images generated, {summary.skipped} already there, in {summary.out}")
+    log.info("%d images generated, %d already there, in %s", summary.generated, summary.skipped, summary.out)
     return summary
 
 

@@ -164,15 +164,22 @@ class RSCorrector(L.LightningModule):
             key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("ldm.")
         }
 
+    @property
+    def correction_window(self) -> tuple[float, float]:
+        """Fractions (start, end) of the sampling trajectory that are corrected (0 = pure noise)."""
+        start, end = self.hparams.correction_window
+        return float(start), float(end)
+
     def correction(self, strength: float | None = None) -> RefinerCorrection:
         """The trained refiner as a sampler correction (default: the training strength)."""
         return RefinerCorrection(self.refiner, self.hparams.strength if strength is None else strength)
 
     def export_config(self) -> dict[str, Any]:
-        """What a frontend needs besides the weights: window, strength, the backbone it was trained for."""
+        """What a frontend needs besides the weights: window, strength, the backbone it was trained for (and its config folder)."""
         return {
             "correction_window": list(self.hparams.correction_window),
             "strength": self.hparams.strength,
             "backbone": self.hparams.backbone,
+            "backbone_config": self.hparams.backbone_config,
             "prediction_type": self.ldm.prediction_type,
         }

@@ -37,8 +37,8 @@ from typing import Callable
 import torch
 
 from benchmarking import interleaved_times
-from rsc.backbone import FrozenLDM
-from rsc.random_models import RandomSDSpec, build_random_sd, sd15_unet_config
+from rsc.backbone import DTYPES, FrozenLDM
+from rsc.testing import RandomSDSpec, build_random_sd, sd15_unet_config
 from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection
 from rsc.sampling import sample
 
@@ -139,9 +139,9 @@ def main() -> None:
     parser.add_argument("--sd15-latent", type=int, default=16, help="latent side for the SD 1.5 UNet (64 = 512px)")
     parser.add_argument("--skip-sd15", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = parser.parse_args()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     print(f"device {device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}")
 
     toy = FrozenLDM.from_pretrained(TOY_SD, dtype=dtype, device=device)

@@ -27,7 +27,7 @@ import torch
 
 from benchmarking import interleaved_times
 from rsc.module import RSCorrector
-from rsc.random_models import RandomSDSpec, build_random_sd, sd15_unet_config
+from rsc.testing import RandomSDSpec, build_random_sd, sd15_unet_config
 
 
 def bench(name: str, module: RSCorrector, pairs: int, latent: int, repeats: int) -> None:

@@ -55,7 +55,8 @@ import json
 import sys
 from pathlib import Path
 
-from datamodules import builder
+from rsc.classifiers.faces import FacePolicy, MTCNNFaceDetector
+from rsc.datamodules import builder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,12 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--face-filter", choices=("mtcnn", "none"), default="mtcnn",
                         help="'none' keeps every image (for already filtered data)")
     parser.add_argument("--face-policy", choices=("exactly_one", "at_least_one"), default="exactly_one")
-    parser.add_argument("--min-face-confidence", type=float, default=0.95)
+    parser.add_argument("--min-face-confidence", type=float, default=FacePolicy.min_confidence)
     parser.add_argument("--min-face-size", type=int, default=20, help="smallest face side in pixels for MTCNN")
     parser.add_argument("--crop-faces", action="store_true", help="crop both sides to the detected face")
-    parser.add_argument("--crop-margin", type=float, default=0.3)
+    parser.add_argument("--crop-margin", type=float, default=FacePolicy.margin)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")  # rsc.backbone.DTYPES
     parser.add_argument("--batch-size", type=int, default=8, help="images per sampling batch")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -129,17 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from rsc.backbone import FrozenLDM
+    from rsc.backbone import DTYPES, FrozenLDM
 
     config = config_from_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ldm = FrozenLDM.from_pretrained(
-        args.backbone, config=args.backbone_config, dtype=getattr(torch, args.dtype), device=device
+        args.backbone, config=args.backbone_config, dtype=DTYPES[args.dtype], device=device
     )
     face_filter = None
     if args.face_filter == "mtcnn":
         face_filter = builder.FaceFilter(
-            builder.MTCNNFaceDetector(device=device, min_face_size=args.min_face_size),
+            MTCNNFaceDetector(device=device, min_face_size=args.min_face_size),
             min_confidence=args.min_face_confidence,
             policy=args.face_policy,
             crop=args.crop_faces,

@@ -15,7 +15,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from rsc.random_models import RandomSDSpec, build_random_sd  # noqa: E402
+from rsc.testing import RandomSDSpec, build_random_sd  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from rsc.classifiers import (
     MTCNNFaces,
     ToyClassifier,
 )
-from rsc.classifiers.clip import save_random_clip
+from rsc.testing import save_random_clip
 from rsc.classifiers.fairface import FAIRFACE_AGES, FAIRFACE_GENDERS, FAIRFACE_RACES_4, FAIRFACE_RACES_7
 from rsc.images import uint8_to_tensor
 from rsc.toy.faces import GENDERS, GROUPS, random_attributes, render_faces

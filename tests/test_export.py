@@ -14,22 +14,21 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from callbacks.export import ExportRefiner
+from rsc.callbacks.export import ExportRefiner
 from rsc import __version__
+from rsc.atomic import recover_folder as recover_export
 from rsc.export import (
-    BackboneConfigs,
-    WEIGHTS_TOLERANCE,
     BackboneMismatchError,
     ExportInfo,
-    compare_weight_signatures,
     export_refiner,
     file_sha256,
     load_refiner_for,
     main as export_main,
-    recover_export,
 )
+from rsc.identity import BackboneConfigs
+from rsc.signature import WEIGHTS_TOLERANCE, compare_weight_signatures
 from rsc.module import RSCorrector
-from rsc.random_models import RandomSDSpec, build_random_sd
+from rsc.testing import RandomSDSpec, build_random_sd
 
 
 class _RandomPairs(L.LightningDataModule):
@@ -101,7 +100,7 @@ def test_cli_export_round_trip(trained: dict[str, Path], tiny_sd_dir: Path, pipe
     assert weights["conv_out.weight"].abs().sum() > 0, "two training steps move the zero-initialised output layer"
 
     info = exported.info
-    assert info.correction_window == (0.1, 0.6) and info.strength == 0.7 and info.training_strength is None
+    assert info.correction_window == (0.1, 0.6) and info.strength == 0.7
     assert info.backbone == str(tiny_sd_dir) and info.prediction_type == "epsilon"
     assert info.training_data == {"dataset": "org/my-pairs"} and info.rsc_version == __version__
     on_disk = BackboneConfigs.from_source(tiny_sd_dir)
@@ -167,13 +166,6 @@ def test_weight_signature_reads_probes_from_files_without_loading_them(tiny_sd_d
             (tmp_path / "no_weights" / component / config.name).write_text(config.read_text())
     with pytest.raises(OSError, match="has no unet weights .*diffusion_pytorch_model.safetensors"):
         BackboneConfigs.from_source(tmp_path / "no_weights")
-
-
-def test_sampling_strength_is_the_default_when_training_sets_one(pipeline) -> None:  # noqa: ANN001
-    configs = BackboneConfigs.from_components(pipeline.unet, pipeline.text_encoder, pipeline.scheduler)
-    hparams = {"correction_window": [0.0, 0.5], "strength": 1.0, "backbone": "x", "sampling_strength": 0.0}
-    info = ExportInfo.from_training(hparams, configs)
-    assert info.strength == 0.0 and info.training_strength == 1.0
 
 
 def _export_for(pipeline: StableDiffusionPipeline, directory: Path, backbone: str = "tiny", seed: int = 0,

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from callbacks.fairness import FairnessValidation, ValidationPrompt
+from rsc.callbacks.fairness import FairnessValidation, ValidationPrompt
 from rsc.classifiers import ToyClassifier
 from rsc.module import RSCorrector
 from rsc.toy.data import toy_prompts
@@ -147,7 +147,7 @@ def _demo_callback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **init_args:
     """The FairnessValidation that LightningCLI builds from configs/toy.yaml, with ``init_args`` added to its YAML."""
     import yaml
 
-    from datamodules.preference import PreferenceDataModule
+    from rsc.datamodules.preference import PreferenceDataModule
     from rsc.fit import RSCLightningCLI
 
     monkeypatch.chdir(REPO)  # the config's paths are relative to the repository, as in the demo
@@ -200,7 +200,7 @@ def test_every_optional_metric_runs_and_faceless_images_are_counted(world, modul
     from PIL import Image
 
     from rsc.classifiers import LaionAestheticPredictor, MTCNNFaces
-    from rsc.classifiers.clip import save_random_clip
+    from rsc.testing import save_random_clip
 
     save_random_clip(tmp_path / "clip", seed=0)
     torch.manual_seed(0)

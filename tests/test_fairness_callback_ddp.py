@@ -25,7 +25,7 @@ def validate(out: str, devices: int) -> dict[str, float]:
     import torch
     from torch.utils.data import DataLoader
 
-    from callbacks.fairness import FairnessValidation, ValidationPrompt
+    from rsc.callbacks.fairness import FairnessValidation, ValidationPrompt
     from rsc.classifiers import ToyClassifier
     from rsc.module import RSCorrector
     from rsc.toy.data import toy_prompts

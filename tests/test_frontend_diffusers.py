@@ -11,9 +11,10 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from rsc.backbone import FrozenLDM
-from rsc.export import BackboneConfigs, BackboneMismatchError, ExportInfo, export_refiner
+from rsc.export import BackboneMismatchError, ExportInfo, export_refiner
+from rsc.identity import BackboneConfigs
 from rsc.frontends.diffusers import RefinerCallback
-from rsc.random_models import RandomSDSpec, build_random_sd
+from rsc.testing import RandomSDSpec, build_random_sd
 from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection
 from rsc.sampling import correction_step_indices, correction_timestep_indices, make_scheduler, sample
 
@@ -172,8 +173,8 @@ def test_from_pretrained_reads_window_and_strength_and_checks_the_backbone(pipel
 def test_runtime_needs_no_training_stack() -> None:
     code = (
         "import sys, rsc.frontends.diffusers\n"
-        "heavy = {'lightning', 'pytorch_lightning', 'torchmetrics', 'datasets', 'jsonargparse', 'datamodules',"
-        " 'callbacks', 'rsc.module', 'rsc.losses', 'rsc.fit', 'rsc.backbone'}\n"
+        "heavy = {'lightning', 'pytorch_lightning', 'torchmetrics', 'datasets', 'jsonargparse', 'rsc.datamodules',"
+        " 'rsc.callbacks', 'rsc.module', 'rsc.losses', 'rsc.fit', 'rsc.backbone'}\n"
         "print(sorted(m for m in sys.modules if m in heavy or m.split('.')[0] in heavy))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

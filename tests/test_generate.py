@@ -12,7 +12,8 @@ from PIL import Image
 
 import rsc.generate as generate_module
 from rsc.backbone import FrozenLDM
-from rsc.export import BackboneConfigs, ExportInfo, export_refiner, file_sha256
+from rsc.export import ExportInfo, export_refiner, file_sha256
+from rsc.identity import BackboneConfigs
 from rsc.generate import main as generate_main
 from rsc.generate import parse_seeds
 from rsc.refiner import LatentRefiner, RefinerConfig

@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from rsc.backbone import FrozenLDM
-from rsc.random_models import build_random_sd
+from rsc.testing import build_random_sd
 from rsc.single_file import pipeline_to_ldm_state_dict, save_single_file
 
 
@@ -55,7 +55,7 @@ def test_single_file_checkpoint_round_trip(tiny_sd_dir: Path, tmp_path: Path, su
 
 def test_single_file_keys_follow_the_original_sd_layout(tmp_path: Path) -> None:
     # A UNet with SD 1.5's block layout (tiny channels): its keys must be SD 1.5's keys.
-    from rsc.random_models import RandomSDSpec, sd15_unet_config, tiny_vae_config
+    from rsc.testing import RandomSDSpec, sd15_unet_config, tiny_vae_config
 
     unet = dict(sd15_unet_config(), block_out_channels=(8, 16, 16, 16), attention_head_dim=2, norm_num_groups=4)
     vae = dict(tiny_vae_config(), block_out_channels=(8, 16, 32, 32), norm_num_groups=4)

@@ -11,8 +11,9 @@ import torchvision
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from callbacks import metrics as m
-from rsc.classifiers.clip import CLIPEncoder, save_random_clip
+from rsc.callbacks import metrics as m
+from rsc.classifiers.clip import CLIPEncoder
+from rsc.testing import save_random_clip
 
 GROUPS = ("ardan", "belor", "cyran")
 NAN = float("nan")

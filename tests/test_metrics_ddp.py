@@ -50,7 +50,7 @@ def metric_values(rank: int, world_size: int, clip_dir: str, lpips_weights: str)
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    from callbacks import metrics as m
+    from rsc.callbacks import metrics as m
     from rsc.classifiers.clip import CLIPEncoder
 
     encoder = CLIPEncoder(clip_dir)
@@ -117,7 +117,7 @@ def _free_port() -> int:
 def test_two_process_values_equal_single_process_values(tmp_path: Path) -> None:
     import torchvision
 
-    from rsc.classifiers.clip import save_random_clip
+    from rsc.testing import save_random_clip
 
     save_random_clip(tmp_path / "clip", seed=0)
     torch.manual_seed(0)

@@ -11,17 +11,17 @@ import pytest
 from datasets import load_from_disk
 from PIL import Image
 
-from datamodules import builder
-from datamodules.builder import (
+from rsc.datamodules import builder
+from rsc.datamodules.builder import (
     BuildConfig,
     FaceFilter,
-    MTCNNFaceDetector,
     build_preference_dataset,
     expand_prompts,
     read_reference_labels,
 )
-from datamodules.preference import PreferenceDataModule
-from datamodules.schema import PREFERENCE_FEATURES
+from rsc.datamodules.preference import PreferenceDataModule
+from rsc.datamodules.schema import PREFERENCE_FEATURES
+from rsc.classifiers.faces import MTCNNFaceDetector
 from rsc.backbone import FrozenLDM
 from rsc.toy.faces import GENDERS, GROUPS, render_faces
 

@@ -13,16 +13,14 @@ import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 from PIL import Image
 
-from datamodules.preference import (
-    BATCH_KEYS,
-    CACHE_FILE,
-    PreferenceDataModule,
-    ShardedEvalSampler,
-)
-from datamodules.schema import PREFERENCE_FEATURES
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler as ShardedEvalSampler
+
+from rsc.datamodules.cache import BATCH_KEYS, CACHE_FILE
+from rsc.datamodules.preference import PreferenceDataModule
+from rsc.datamodules.schema import PREFERENCE_FEATURES
 from rsc.backbone import FrozenLDM
 from rsc.images import uint8_to_tensor
-from rsc.random_models import build_random_sd
+from rsc.testing import build_random_sd
 from rsc.toy.faces import render_faces
 
 PROMPTS = ("a photo of a belor woman", "a photo of a dovek man")
@@ -366,7 +364,7 @@ def test_shipped_toy_world_preferences(tmp_path: Path) -> None:
 
 _DDP_SCRIPT = '''
 import json, sys, torch, lightning as L
-from datamodules.preference import PreferenceDataModule
+from rsc.datamodules.preference import PreferenceDataModule
 
 dataset, backbone, cache, out = sys.argv[1:5]
 

@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 
 from rsc.backbone import FrozenLDM
 from rsc.losses import PreferenceLoss, per_sample_error
-from rsc.random_models import sd15_unet_config
+from rsc.testing import sd15_unet_config
 from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection
 from rsc.sampling import correction_step_indices, make_scheduler, window_timestep_range
 

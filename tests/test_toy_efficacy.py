@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from callbacks.fairness import FairnessValidation
+from rsc.callbacks.fairness import FairnessValidation
 from rsc.fit import main as fit_main
 
 REPO = Path(__file__).resolve().parents[1]

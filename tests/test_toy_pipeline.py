@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from datamodules.schema import PREFERENCE_FEATURES
+from rsc.datamodules.schema import PREFERENCE_FEATURES
 from rsc.toy.data import BiasSpec, CaptionSpec, make_biased_dataset, toy_prompt, toy_prompts, unnamed_group_prompts
 from rsc.toy.evaluate import ToySamples, toy_statistics
 from rsc.toy.faces import GENDERS, GROUPS

@@ -12,7 +12,7 @@ import torch
 from datasets import load_from_disk
 from diffusers import StableDiffusionPipeline
 
-from datamodules.schema import PREFERENCE_FEATURES
+from rsc.datamodules.schema import PREFERENCE_FEATURES
 from rsc.toy import world as world_module
 from rsc.toy.__main__ import main as toy_main
 from rsc.toy.classifier import ToyAttributeClassifier

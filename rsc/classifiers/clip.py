@@ -6,7 +6,7 @@ to return a ``BaseModelOutputWithPooling`` (the projected embedding is its
 same code runs with transformers 4 and 5; torchmetrics 1.9's ``CLIPScore`` does not
 (``'BaseModelOutputWithPooling' object has no attribute 'norm'``, torchmetrics
 issue 3407, fixed upstream after 1.9), which is why
-:class:`callbacks.metrics.PromptFidelity` embeds through this class.
+:class:`rsc.callbacks.metrics.PromptFidelity` embeds through this class.
 """
 
 from __future__ import annotations
@@ -156,30 +156,3 @@ class CLIPZeroShotClassifier(AttributeClassifier):
             attribute: (self.logit_scale * embeddings @ getattr(self, f"_text_{index}").T).softmax(-1)
             for index, attribute in enumerate(self._labels)
         }
-
-
-def save_random_clip(folder: str | os.PathLike[str], seed: int = 0, width: int = 32, image_size: int = 32) -> None:
-    """Save a tiny randomly initialised CLIP (model, image processor, real CLIP BPE tokenizer) to ``folder``.
-
-    It loads like any CLIP (``CLIPEncoder(folder)``); tests and offline demos use it where no real CLIP can be
-    downloaded. Its embeddings are meaningless but deterministic for a given ``seed``.
-    """
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from rsc.tokenizer import build_clip_tokenizer
-
-    tokenizer = build_clip_tokenizer(num_merges=500, model_max_length=32)
-    vocab_size = len(tokenizer)
-    common = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=vocab_size, max_position_embeddings=32, bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **common,
-        ),
-        vision_config=dict(image_size=image_size, patch_size=8, **common),
-        projection_dim=width,
-    )
-    torch.manual_seed(seed)
-    CLIPModel(config).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)

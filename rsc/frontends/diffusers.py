@@ -35,7 +35,8 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from rsc.export import BackboneConfigs, load_refiner_for
+from rsc.export import load_refiner_for
+from rsc.identity import BackboneConfigs
 from rsc.refiner import LatentRefiner, RefinerCorrection
 from rsc.sampling import correct_latents, correction_step_indices, correction_timestep_indices
 

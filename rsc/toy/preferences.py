@@ -23,7 +23,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 from PIL import Image
 
-from datamodules.schema import PREFERENCE_FEATURES
+from rsc.datamodules.schema import PREFERENCE_FEATURES
 from rsc.toy.data import toy_prompts
 from rsc.toy.evaluate import ToySamples
 from rsc.toy.faces import GENDERS, GROUPS, render_faces

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from rsc.random_models import default_scheduler_config, tiny_text_encoder_config
+from rsc.testing import default_scheduler_config, tiny_text_encoder_config
 
 
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")

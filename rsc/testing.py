@@ -1,13 +1,15 @@
-"""Randomly initialised Stable-Diffusion-style pipelines built from configs.
+"""Test-only builders: randomly initialised Stable-Diffusion-style pipelines and CLIPs, built offline.
 
 Tests need a real SD pipeline (real diffusers classes, a real CLIP tokenizer)
 that builds in well under a second; benchmarks need a UNet of SD 1.5's
-architecture. Both come from here, with the configs as plain dicts so the toy
-world can reuse the same builder at other sizes.
+architecture; the metrics' tests need a CLIP. All come from here, with the
+configs as plain dicts so the toy world can reuse the same builder at other
+sizes. Nothing in rsc's training or inference path imports this module.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -136,3 +138,28 @@ def build_random_sd(spec: RandomSDSpec | None = None, seed: int = 0) -> StableDi
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def save_random_clip(folder: str | os.PathLike[str], seed: int = 0, width: int = 32, image_size: int = 32) -> None:
+    """Save a tiny randomly initialised CLIP (model, image processor, real CLIP BPE tokenizer) to ``folder``.
+
+    It loads like any CLIP (``CLIPEncoder(folder)``); tests and offline demos use it where no real CLIP can be
+    downloaded. Its embeddings are meaningless but deterministic for a given ``seed``.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = build_clip_tokenizer(num_merges=500, model_max_length=32)
+    vocab_size = len(tokenizer)
+    common = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab_size, max_position_embeddings=32, bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **common,
+        ),
+        vision_config=dict(image_size=image_size, patch_size=8, **common),
+        projection_dim=width,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
