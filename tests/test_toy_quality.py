@@ -12,15 +12,11 @@ from rsc.images import resize_square, uint8_to_tensor
 
 from rsc.classifiers import AestheticPredictor, ToyFacialQuality
 from rsc.toy.faces import FACE_PARTS, random_attributes, render_faces
+from rsc.toy.degradations import KINDS, apply_degradations, degrade, quality_target, random_severities
 from rsc.toy.quality import (
-    KINDS,
     ToyQualityConfig,
     ToyQualityJudge,
-    apply_degradations,
-    degrade,
     evaluate_quality_judge,
-    quality_target,
-    random_severities,
     render_with_featureless,
     train_quality_judge,
 )

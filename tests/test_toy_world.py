@@ -18,7 +18,8 @@ from rsc.toy.__main__ import main as toy_main
 from rsc.toy.classifier import ToyAttributeClassifier
 from rsc.toy.calibration import LabelledImages, img2img, labelled_renders, model_views, psnr
 from rsc.toy.data import toy_prompts
-from rsc.toy.world import ToyWorldConfig, build_toy_world, load_toy_world, toy_source_hash, world_targets
+from rsc.toy.manifest import toy_source_hash, world_targets
+from rsc.toy.world import ToyWorldConfig, build_toy_world, load_toy_world
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,11 @@ rebuilds and compares (run it before landing a change to rsc/toy; the fingerprin
 
 from __future__ import annotations
 
-import json
 
-import numpy as np
 import pytest
 from diffusers import StableDiffusionPipeline
 
-from rsc.toy.classifier import ToyAttributeClassifier, evaluate_classifier
+from rsc.toy.classifier import evaluate_classifier
 from rsc.toy.data import toy_prompts
 from rsc.toy.evaluate import sample_toy_prompts, toy_statistics
 from rsc.toy.faces import random_attributes, render_faces

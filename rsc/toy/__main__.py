@@ -16,7 +16,8 @@ from pathlib import Path
 
 from rsc.cache import cache_root
 from rsc.toy.faces import GROUPS
-from rsc.toy.world import ToyWorld, ToyWorldConfig, build_toy_world, compare_worlds, get_toy_world, load_toy_world
+from rsc.toy.manifest import compare_worlds
+from rsc.toy.world import ToyWorld, ToyWorldConfig, build_toy_world, get_toy_world, load_toy_world
 
 
 def _config(args: argparse.Namespace) -> ToyWorldConfig:
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_summary(manifest: dict) -> None:
-    from rsc.toy.world import format_manifest
+    from rsc.toy.manifest import format_manifest
 
     print(format_manifest(manifest))
 

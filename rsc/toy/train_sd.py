@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
