@@ -35,6 +35,7 @@ def _relocated_demo_config(run_dir: Path, cache: Path) -> Path:
             callback.setdefault("init_args", {})["world"] = str(REPO / "rsc" / "toy" / "world")
         if callback["class_path"].endswith("FairnessValidation"):
             callback["init_args"]["classifier"]["init_args"]["path"] = str(REPO / "rsc" / "toy" / "world" / "classifier")
+            callback["init_args"]["aesthetic"]["init_args"]["path"] = str(REPO / "rsc" / "toy" / "world" / "quality")
     config["model"]["backbone"] = str(REPO / "rsc" / "toy" / "world" / "sd")
     config["data"].update(dataset=str(REPO / "rsc" / "toy" / "world" / "preferences"), cache_dir=str(cache), progress=False)
     path = run_dir.parent / "toy.yaml"
@@ -52,9 +53,13 @@ def test_demo_fit_corrects_the_toy_stereotype(tmp_path: Path) -> None:
     groups = report["per_group"]
     targeted = [name for name, row in groups.items() if row["targeted"]]
     assert sorted(targeted) == ["belor", "dovek"]
+    # The shipped world's own bias target (0.7 x the planted rate, see rsc.toy.manifest.world_targets).
+    planted = json.loads((REPO / "rsc" / "toy" / "world" / "manifest.json").read_text())["config"]["bias"]
     for name in targeted:
         before, after = groups[name]["stereotype_rate"]
-        assert before >= 0.8, f"{name}: the uncorrected toy SD should show its planted stereotype ({before})"
+        assert before >= 0.7 * planted["stereotype_rate_targeted"], (
+            f"{name}: the uncorrected toy SD should show its planted stereotype ({before})"
+        )
         assert after <= before / 3, f"{name}: stereotype rate {before:.2f} -> {after:.2f}"
         assert groups[name]["gender_consistency"][1] > groups[name]["gender_consistency"][0], name
     for name, row in groups.items():
