@@ -10,8 +10,13 @@ reference more than on x_l:
     margin = (e_theta(w) - e_ref(w)) - (e_theta(l) - e_ref(l))
     L_pref = mean_pairs[ -log sigmoid(-beta / 2 * margin) ]
     L      = L_pref + lambda_reg * mean ||R||^2 + lambda_sft * mean e_theta(w)
+             + lambda_no_harm * mean relu(e_theta(w) - e_ref(w))
 
-The log-sigmoid is taken per pair, then averaged.
+The log-sigmoid is taken per pair, then averaged. The "do no harm" term
+penalises only a *worse* prediction of the preferred sample than the frozen
+model's: unlike the SFT term it does not reward pulling every prompt towards
+its particular winners, which changes images the correction should leave
+alone and narrows their diversity.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class PreferenceLossOutput:
     preference_loss: Tensor
     regularization: Tensor
     sft: Tensor
+    harm: Tensor
     margin: Tensor
     accuracy: Tensor
     winner_gap: Tensor
@@ -49,15 +55,20 @@ class PreferenceLoss(torch.nn.Module):
         beta: Inverse temperature of the preference (larger = sharper).
         lambda_reg: Weight of the mean squared refiner output.
         lambda_sft: Weight of the policy error on the preferred sample.
+        lambda_no_harm: Weight of the per-pair excess of the policy error over the reference error
+            on the preferred sample (zero where the correction does no harm to it).
     """
 
-    def __init__(self, beta: float = 1000.0, lambda_reg: float = 0.1, lambda_sft: float = 0.0) -> None:
+    def __init__(
+        self, beta: float = 1000.0, lambda_reg: float = 0.1, lambda_sft: float = 0.0, lambda_no_harm: float = 0.0
+    ) -> None:
         super().__init__()
         if beta <= 0:
             raise ValueError(f"beta must be positive, got {beta}")
-        if lambda_reg < 0 or lambda_sft < 0:
-            raise ValueError(f"lambda_reg and lambda_sft must be >= 0, got {lambda_reg} and {lambda_sft}")
-        self.beta, self.lambda_reg, self.lambda_sft = beta, lambda_reg, lambda_sft
+        for name, value in (("lambda_reg", lambda_reg), ("lambda_sft", lambda_sft), ("lambda_no_harm", lambda_no_harm)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        self.beta, self.lambda_reg, self.lambda_sft, self.lambda_no_harm = beta, lambda_reg, lambda_sft, lambda_no_harm
 
     def forward(
         self,
@@ -74,12 +85,14 @@ class PreferenceLoss(torch.nn.Module):
         preference = -F.logsigmoid(-0.5 * self.beta * margin).mean()
         regularization = refiner_output.float().pow(2).mean()
         sft = policy_error_w.mean()
-        loss = preference + self.lambda_reg * regularization + self.lambda_sft * sft
+        harm = F.relu(winner_gap).mean()
+        loss = preference + self.lambda_reg * regularization + self.lambda_sft * sft + self.lambda_no_harm * harm
         return PreferenceLossOutput(
             loss=loss,
             preference_loss=preference.detach(),
             regularization=regularization.detach(),
             sft=sft.detach(),
+            harm=harm.detach(),
             margin=margin.detach(),
             accuracy=(margin < 0).float().mean().detach(),
             winner_gap=winner_gap.mean().detach(),

@@ -34,6 +34,8 @@ class RSCorrector(L.LightningModule):
         beta: Preference inverse temperature.
         lambda_reg: Weight of the refiner-magnitude regulariser.
         lambda_sft: Weight of the policy error on the preferred sample.
+        lambda_no_harm: Weight of the "do no harm" term: the per-pair excess of the corrected
+            prediction's error on the preferred sample over the frozen model's.
         learning_rate: AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear learning-rate warm-up.
@@ -56,6 +58,7 @@ class RSCorrector(L.LightningModule):
         beta: float = 1000.0,
         lambda_reg: float = 0.1,
         lambda_sft: float = 0.0,
+        lambda_no_harm: float = 0.0,
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -83,7 +86,7 @@ class RSCorrector(L.LightningModule):
         # A compiled *function*, not a module attribute: a second module reference would
         # duplicate the refiner's weights in every checkpoint.
         self._refiner_forward = torch.compile(self.refiner.forward) if compile_refiner else self.refiner.forward
-        self.loss_fn = PreferenceLoss(beta=beta, lambda_reg=lambda_reg, lambda_sft=lambda_sft)
+        self.loss_fn = PreferenceLoss(beta=beta, lambda_reg=lambda_reg, lambda_sft=lambda_sft, lambda_no_harm=lambda_no_harm)
         self.timestep_range = window_timestep_range(
             tuple(correction_window), self.ldm.noise_scheduler.config.num_train_timesteps
         )

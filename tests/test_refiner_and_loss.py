@@ -101,6 +101,25 @@ def test_loss_against_hand_computed_value() -> None:
     assert out.winner_gap.item() == pytest.approx(0.0, abs=1e-7) and out.loser_gap.item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_no_harm_term_counts_only_winners_made_worse() -> None:
+    policy_w, reference_w = torch.tensor([0.5, 0.2, 0.9]), torch.tensor([0.3, 0.4, 0.9])
+    errors_l, delta = torch.tensor([0.4, 0.4, 0.4]), torch.zeros(3)
+    plain = PreferenceLoss(beta=2.0, lambda_reg=0.0)(policy_w, reference_w, errors_l, errors_l, delta)
+    guarded = PreferenceLoss(beta=2.0, lambda_reg=0.0, lambda_no_harm=3.0)(policy_w, reference_w, errors_l, errors_l, delta)
+    # Only the first pair's winner got worse (by 0.2); the second improved, which is not rewarded.
+    assert guarded.harm.item() == pytest.approx(0.2 / 3, rel=1e-6)
+    assert guarded.loss.item() == pytest.approx(plain.loss.item() + 3.0 * 0.2 / 3, rel=1e-6)
+    # Winners predicted better than by the frozen model get the same gradient with and without the term.
+    gradients = []
+    for weight in (0.0, 3.0):
+        improved = torch.tensor([0.1, 0.1, 0.1], requires_grad=True)
+        PreferenceLoss(beta=2.0, lambda_reg=0.0, lambda_no_harm=weight)(improved, reference_w, errors_l, errors_l, delta).loss.backward()
+        gradients.append(improved.grad)
+    torch.testing.assert_close(gradients[0], gradients[1])
+    with pytest.raises(ValueError, match="lambda_no_harm must be >= 0, got -1"):
+        PreferenceLoss(lambda_no_harm=-1.0)
+
+
 def test_swapping_winner_and_loser_flips_the_margin() -> None:
     loss_fn = PreferenceLoss(beta=3.0)
     errors = [torch.rand(5, generator=torch.Generator().manual_seed(i)) for i in range(4)]
