@@ -36,6 +36,8 @@ class RSCorrector(L.LightningModule):
         lambda_sft: Weight of the policy error on the preferred sample.
         lambda_no_harm: Weight of the "do no harm" term: the per-pair excess of the corrected
             prediction's error on the preferred sample over the frozen model's.
+        lambda_keep: Weight of the refiner's mean squared output on the preferred samples' latents
+            (trajectories that already lead to an anti-stereotypical image are left alone).
         learning_rate: AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear learning-rate warm-up.
@@ -59,6 +61,7 @@ class RSCorrector(L.LightningModule):
         lambda_reg: float = 0.1,
         lambda_sft: float = 0.0,
         lambda_no_harm: float = 0.0,
+        lambda_keep: float = 0.0,
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -86,7 +89,9 @@ class RSCorrector(L.LightningModule):
         # A compiled *function*, not a module attribute: a second module reference would
         # duplicate the refiner's weights in every checkpoint.
         self._refiner_forward = torch.compile(self.refiner.forward) if compile_refiner else self.refiner.forward
-        self.loss_fn = PreferenceLoss(beta=beta, lambda_reg=lambda_reg, lambda_sft=lambda_sft, lambda_no_harm=lambda_no_harm)
+        self.loss_fn = PreferenceLoss(
+            beta=beta, lambda_reg=lambda_reg, lambda_sft=lambda_sft, lambda_no_harm=lambda_no_harm, lambda_keep=lambda_keep
+        )
         self.timestep_range = window_timestep_range(
             tuple(correction_window), self.ldm.noise_scheduler.config.num_train_timesteps
         )
@@ -109,7 +114,9 @@ class RSCorrector(L.LightningModule):
         policy = per_sample_error(clean, self.ldm.predict_x0(noisy + self.hparams.strength * delta, timesteps, text))
         with torch.no_grad():
             reference = per_sample_error(clean, self.ldm.predict_x0(noisy, timesteps, text))
-        output = self.loss_fn(policy[:pairs], reference[:pairs], policy[pairs:], reference[pairs:], delta)
+        output = self.loss_fn(
+            policy[:pairs], reference[:pairs], policy[pairs:], reference[pairs:], delta, winner_refiner_output=delta[:pairs]
+        )
         return output, delta
 
     def _log_output(self, prefix: str, output: PreferenceLossOutput, delta: Tensor, batch_size: int) -> None:

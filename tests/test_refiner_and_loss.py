@@ -120,6 +120,17 @@ def test_no_harm_term_counts_only_winners_made_worse() -> None:
         PreferenceLoss(lambda_no_harm=-1.0)
 
 
+def test_keep_term_regularises_only_the_winners_refiner_output() -> None:
+    errors, delta = torch.tensor([0.3, 0.4]), torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]])
+    keep = PreferenceLoss(beta=2.0, lambda_reg=0.0, lambda_keep=0.5)
+    out = keep(errors, errors, errors, errors, delta, winner_refiner_output=delta[:2])
+    # Rows 0-1 are the winners' outputs: mean of (1, 1, 4, 4) = 2.5, the losers' rows (3, 4) do not count.
+    assert out.keep.item() == pytest.approx(2.5)
+    assert out.loss.item() == pytest.approx(math.log(2) + 0.5 * 2.5, rel=1e-6)
+    with pytest.raises(ValueError, match="lambda_keep > 0 needs winner_refiner_output"):
+        keep(errors, errors, errors, errors, delta)
+
+
 def test_swapping_winner_and_loser_flips_the_margin() -> None:
     loss_fn = PreferenceLoss(beta=3.0)
     errors = [torch.rand(5, generator=torch.Generator().manual_seed(i)) for i in range(4)]
