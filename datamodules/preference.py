@@ -67,7 +67,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from rsc.backbone import FrozenLDM
 from rsc.cache import cache_root
@@ -79,6 +79,7 @@ from rsc.datamodules.cache import (
     read_cache_metadata,
     write_cache,
 )
+from rsc.datamodules.sampling import ResumableDataLoader, ResumableSampler
 from rsc.datamodules.sources import load_preference_splits
 from rsc.datamodules.validation import RowProblem, skip_summary, validate_split
 from rsc.identity import backbone_identity
@@ -262,22 +263,23 @@ class PreferenceDataModule(L.LightningDataModule):
             self.latent_shape, self.text_shape = dataset.latent_shape, dataset.text_shape
 
     # ------------------------------------------------------------------ loaders
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         """Shuffled training batches, each rank its own shard; the order depends only on ``seed`` and the epoch.
 
         A seeded ``DistributedSampler`` (Lightning calls its ``set_epoch``, and leaves it in
-        place under DDP) instead of ``shuffle=True``: a run resumed from an epoch-end
-        checkpoint then sees exactly the batches an uninterrupted run sees.
+        place under DDP) instead of ``shuffle=True``, in a stateful loader
+        (:mod:`rsc.datamodules.sampling`): a run resumed from any checkpoint, mid-epoch
+        included, sees exactly the batches an uninterrupted run sees.
         """
         if self.train_dataset is None:
             raise RuntimeError("call setup('fit') before train_dataloader()")
         world_size = int(getattr(self.trainer, "world_size", 1) or 1) if self.trainer is not None else 1
         rank = int(getattr(self.trainer, "global_rank", 0) or 0) if self.trainer is not None else 0
-        sampler = DistributedSampler(self.train_dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed)
-        return DataLoader(
+        sampler = ResumableSampler(self.train_dataset, num_replicas=world_size, rank=rank, seed=self.seed)
+        return ResumableDataLoader(
             self.train_dataset,
-            batch_size=self.batch_size,
             sampler=sampler,
+            batch_size=self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
