@@ -42,6 +42,7 @@ from rsc import __version__
 from rsc.atomic import aside_folder, write_folder_atomic
 from rsc.config import json_value
 from rsc.identity import BackboneConfigs
+from rsc.numerics import non_finite_tensors
 from rsc.refiner import CONFIG_NAME, WEIGHTS_NAME, LatentRefiner, RefinerConfig, RefinerCorrection
 from rsc.signature import compare_weight_signatures, weight_signature_label
 
@@ -203,8 +204,16 @@ def export_refiner(refiner: LatentRefiner, directory: str | os.PathLike[str], in
     See :func:`rsc.atomic.write_folder_atomic` for what a killed export leaves and how the
     next export (or :func:`rsc.atomic.recover_folder`) tidies it; :func:`load_refiner_for`
     names the ``.rsc-old`` folder when a kill left ``directory`` missing. A ``directory``
-    holding files other than an export's is refused.
+    holding files other than an export's is refused, and so is a refiner with a NaN or
+    infinite weight (the error names the tensor).
     """
+
+    bad = non_finite_tensors(refiner.state_dict().items())
+    if bad:
+        raise ValueError(
+            f"refusing to export a refiner with non-finite weights: {bad[0]} holds NaN or infinity"
+            + (f" (and {len(bad) - 1} more tensor(s): {', '.join(bad[1:4])})" if len(bad) > 1 else "")
+        )
 
     def write(staging: Path) -> None:
         refiner.save_pretrained(staging, extra_config=info.to_dict())

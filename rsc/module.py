@@ -10,6 +10,7 @@ from torch import Tensor
 
 from rsc.backbone import DTYPES, FrozenLDM
 from rsc.losses import PreferenceLoss, PreferenceLossOutput, per_sample_error
+from rsc.numerics import NumericsGuard, non_finite_tensors
 from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection
 from rsc.sampling import window_timestep_range
 
@@ -40,6 +41,8 @@ class RSCorrector(L.LightningModule):
         gradient_checkpointing: Recompute UNet activations in the backward pass (saves GPU memory).
         compile_refiner: ``torch.compile`` the refiner.
         seed: Seed of the validation noise (validation is deterministic).
+        max_consecutive_skipped_steps: A step with a non-finite loss or gradient is skipped and
+            counted (``train/skipped_steps``); this many in a row stop the run (:mod:`rsc.numerics`).
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class RSCorrector(L.LightningModule):
         gradient_checkpointing: bool = False,
         compile_refiner: bool = False,
         seed: int = 0,
+        max_consecutive_skipped_steps: int = 10,
     ) -> None:
         super().__init__()
         if backbone_dtype not in DTYPES:
@@ -89,6 +93,8 @@ class RSCorrector(L.LightningModule):
         )
         # The backbone is rebuilt from hparams; checkpoints hold the refiner only.
         self.strict_loading = False
+        self.numerics = NumericsGuard(max_consecutive_skipped_steps)
+        self._skip_step = False
 
     # ------------------------------------------------------------------ the step
     def pair_step(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[PreferenceLossOutput, Tensor]:
@@ -140,7 +146,32 @@ class RSCorrector(L.LightningModule):
         )
         output, delta = self.pair_step(batch, generator)
         self._log_output("train", output, delta, batch["prompt_embeds"].shape[0])
-        return output.loss
+        return self._guard_loss(output.loss)
+
+    # ------------------------------------------------------------------ the numerics guard
+    def _guard_loss(self, loss: Tensor) -> Tensor:
+        finite = bool(torch.isfinite(loss.detach()).all())
+        # All ranks skip together, or one rank's optimizer would step on the others' gradients alone.
+        self._skip_step = not self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if self._skip_step:
+            self.numerics.skip(self.global_step, f"loss = {loss.item()}")
+            # A zero loss on the parameters: every rank still runs a backward (DDP all-reduces in it).
+            loss = sum((parameter.sum() for parameter in self.refiner.parameters()), torch.zeros((), device=self.device)) * 0.0
+        self.log("train/skipped_steps", float(self.numerics.skipped), on_step=True, on_epoch=False)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip the step (no gradient, so AdamW leaves weights and moments alone) on a non-finite loss or gradient."""
+        if not self._skip_step:
+            bad = non_finite_tensors((name, parameter.grad) for name, parameter in self.refiner.named_parameters())
+            if not bad:
+                self.numerics.ok()
+                return
+            # Gradients are all-reduced already, so every rank sees the same ones and decides alike.
+            self.numerics.skip(self.global_step, f"non-finite gradient of refiner.{bad[0]} ({len(bad)} tensor(s))")
+        self._skip_step = False
+        for parameter in self.refiner.parameters():
+            parameter.grad = None
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """The same loss with noise and timesteps fixed by the row indices (identical every epoch)."""
@@ -163,6 +194,11 @@ class RSCorrector(L.LightningModule):
         checkpoint["state_dict"] = {
             key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("ldm.")
         }
+        checkpoint["numerics_guard"] = self.numerics.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the skipped-step counters."""
+        self.numerics.load_state_dict(checkpoint.get("numerics_guard", {}))
 
     @property
     def correction_window(self) -> tuple[float, float]:
