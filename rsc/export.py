@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from rsc import __version__
-from rsc.atomic import aside_folder, write_folder_atomic
+from rsc.atomic import aside_folder, file_sha256, write_folder_atomic
 from rsc.config import json_value
 from rsc.identity import BackboneConfigs
 from rsc.numerics import non_finite_tensors
@@ -129,15 +129,6 @@ class ExportInfo:
         """The JSON entries (the architecture is added by :meth:`LatentRefiner.save_pretrained`)."""
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **json_value(asdict(self))}
 
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 (hex) of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_card(refiner: LatentRefiner, info: ExportInfo) -> str:
