@@ -40,6 +40,7 @@ import torch
 
 from rsc import __version__
 from rsc.atomic import aside_folder, file_sha256, write_folder_atomic
+from rsc.cli import USER_ERRORS, run_cli
 from rsc.config import json_value
 from rsc.identity import BackboneConfigs
 from rsc.numerics import non_finite_tensors
@@ -360,7 +361,12 @@ def export_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m rsc.export --ckpt <lightning ckpt> --out <dir>``."""
+    """``python -m rsc.export --ckpt <lightning ckpt> --out <dir>``; a bad input ends with one line (:mod:`rsc.cli`)."""
+    # KeyError too: a checkpoint whose hyper-parameters lack a field the export needs.
+    run_cli(_main, argv, "rsc.export", USER_ERRORS + (KeyError,))
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m rsc.export",
         description="Export the refiner of an rsc training checkpoint as refiner.safetensors + config.json + README.md.",
@@ -375,10 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone-config", default=None, help="for a single-file backbone: its diffusers config folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        out = export_checkpoint(args.ckpt, args.out, backbone=args.backbone, backbone_config=args.backbone_config)
-    except (OSError, ValueError, KeyError) as error:
-        parser.exit(2, f"rsc.export: error: {error}\n")
+    out = export_checkpoint(args.ckpt, args.out, backbone=args.backbone, backbone_config=args.backbone_config)
     log.info("refiner exported to %s", out)
 
 
