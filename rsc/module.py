@@ -97,14 +97,24 @@ class RSCorrector(L.LightningModule):
         self._skip_step = False
 
     # ------------------------------------------------------------------ the step
-    def pair_step(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[PreferenceLossOutput, Tensor]:
-        """Loss on a batch of pairs: one timestep and noise per pair, winner and loser through one UNet call each."""
+    def pair_step(
+        self,
+        batch: dict[str, Tensor],
+        generator: torch.Generator | None = None,
+        draws: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[PreferenceLossOutput, Tensor]:
+        """Loss on a batch of pairs: one timestep and noise per pair, winner and loser through one UNet call each.
+
+        ``draws`` (timesteps (B,), noise (B, C, h, w)) if given, else both drawn from ``generator``.
+        """
         winners, losers = batch["anti_stereotypical_latents"], batch["stereotypical_latents"]
         text = batch["prompt_embeds"]
         pairs = winners.shape[0]
-        low, high = self.timestep_range
-        timesteps = torch.randint(low, high, (pairs,), generator=generator, device="cpu").to(winners.device)
-        noise = torch.randn(winners.shape, generator=generator, device="cpu").to(winners.device, winners.dtype)
+        if draws is None:
+            low, high = self.timestep_range
+            draws = (torch.randint(low, high, (pairs,), generator=generator, device="cpu"),
+                     torch.randn(winners.shape, generator=generator, device="cpu"))
+        timesteps, noise = draws[0].to(winners.device), draws[1].to(winners.device, winners.dtype)
         clean = torch.cat([winners, losers])
         timesteps, text = torch.cat([timesteps, timesteps]), torch.cat([text, text])
         noisy = self.ldm.add_noise(clean, torch.cat([noise, noise]), timesteps)
@@ -135,16 +145,25 @@ class RSCorrector(L.LightningModule):
         self.log(f"{prefix}/loss", output.loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step,
                  batch_size=batch_size, sync_dist=not on_step)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """One optimisation step on a batch of preference pairs.
+    def pair_draws(self, indices: Tensor, latent_shape: tuple[int, ...], epoch: int) -> tuple[Tensor, Tensor]:
+        """Each pair's training timestep and noise, from a generator seeded by (seed, epoch, its dataset index).
 
-        Timesteps and noise come from a generator seeded by (seed, step, rank), not from the
-        global RNG, so a run resumed from a checkpoint draws exactly what an uninterrupted one would.
+        Not by the step, the rank or the batch: a resumed run draws what an uninterrupted one
+        would, and W processes with batch B/W draw what one process with batch B draws.
         """
-        generator = torch.Generator().manual_seed(
-            (self.hparams.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank
-        )
-        output, delta = self.pair_step(batch, generator)
+        low, high = self.timestep_range
+        timesteps, noise = [], []
+        for index in indices.tolist():
+            generator = torch.Generator().manual_seed((self.hparams.seed * 1_000_003 + epoch) * 10_000_019 + int(index))
+            timesteps.append(torch.randint(low, high, (1,), generator=generator))
+            noise.append(torch.randn(latent_shape, generator=generator))
+        return torch.cat(timesteps), torch.stack(noise)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """One optimisation step on a batch of preference pairs (timesteps and noise from :meth:`pair_draws`)."""
+        latents = batch["anti_stereotypical_latents"]
+        draws = self.pair_draws(batch["index"], tuple(latents.shape[1:]), self.current_epoch)
+        output, delta = self.pair_step(batch, draws=draws)
         self._log_output("train", output, delta, batch["prompt_embeds"].shape[0])
         return self._guard_loss(output.loss)
 
