@@ -115,14 +115,21 @@ class ExportInfo:
             payload = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read refiner config {path}: {error}") from error
+        if not isinstance(payload, dict):
+            raise ValueError(f"{path} holds a JSON {type(payload).__name__}, not an object: not a refiner config")
         missing = [key for key in ("correction_window", "strength", "backbone") if key not in payload]
         if missing:
             raise ValueError(f"{path} lacks {missing}: not a refiner exported by rsc (python -m rsc.export)")
         known = {item.name for item in fields(cls)}
         values = {key: value for key, value in payload.items() if key in known}
         window = values["correction_window"]
-        if not (isinstance(window, list) and len(window) == 2 and 0.0 <= window[0] <= window[1] <= 1.0):
+        numbers = isinstance(window, list) and len(window) == 2 and all(_is_number(value) for value in window)
+        if not (numbers and 0.0 <= window[0] <= window[1] <= 1.0):
             raise ValueError(f"{path}: correction_window must be [start, end] with 0 <= start <= end <= 1, got {window!r}")
+        if not _is_number(values["strength"]):
+            raise ValueError(f"{path}: strength must be a number, got {values['strength']!r}")
+        if not isinstance(values["backbone"], str):
+            raise ValueError(f"{path}: backbone must be a string, got {values['backbone']!r}")
         values["correction_window"] = (float(window[0]), float(window[1]))
         return cls(**values)
 
@@ -130,6 +137,10 @@ class ExportInfo:
         """The JSON entries (the architecture is added by :meth:`LatentRefiner.save_pretrained`)."""
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **json_value(asdict(self))}
 
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def model_card(refiner: LatentRefiner, info: ExportInfo) -> str:
