@@ -21,34 +21,12 @@ def micro_world(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     return build_toy_world(tmp_path_factory.mktemp("fit_world") / "micro", ToyWorldConfig.micro(), progress=False)
 
 
-def _config(world, run_dir: Path, cache: Path, max_epochs: int, devices: int = 1) -> Path:  # noqa: ANN001
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": devices,
-            "max_epochs": max_epochs,
-            "default_root_dir": str(run_dir),
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                       "init_args": {"save_dir": str(run_dir), "name": "", "version": ""}},
-            "enable_progress_bar": False,
-            "log_every_n_steps": 1,
-            "callbacks": [
-                {"class_path": "rsc.callbacks.checkpoint.ResumableCheckpoint",
-                 "init_args": {"dirpath": str(run_dir / "checkpoints")}},
-                {"class_path": "rsc.callbacks.export.ExportRefiner"},
-                {"class_path": "rsc.callbacks.toy_efficacy.ToyEfficacyReport",
-                 "init_args": {"world": str(world.path), "samples_per_prompt": 2}},
-            ],
-        },
-        "model": {"backbone": str(world.sd_path), "hidden_channels": 16, "num_blocks": 1, "embedding_dim": 16,
-                  "norm_groups": 4, "learning_rate": 1e-2, "beta": 100.0},
-        "data": {"dataset": str(world.preferences_path), "batch_size": 16, "cache_dir": str(cache), "progress": False},
-    }
-    path = run_dir.parent / f"{run_dir.name}.yaml"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config))
-    return path
+def _config(world, run_dir: Path, cache: Path, max_epochs: int) -> Path:  # noqa: ANN001
+    """The micro toy world's fit, with the end-of-fit efficacy report."""
+    report = {"class_path": "rsc.callbacks.toy_efficacy.ToyEfficacyReport",
+              "init_args": {"world": str(world.path), "samples_per_prompt": 2}}
+    return fit_config(world.sd_path, world.preferences_path, run_dir, cache, max_epochs=max_epochs, batch_size=16,
+                      callbacks=[report], model={"hidden_channels": 16, "embedding_dim": 16})
 
 
 def test_print_config_of_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
