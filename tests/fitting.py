@@ -8,9 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+import torch
 import yaml
 from datasets import Dataset, DatasetDict
+from lightning.pytorch.callbacks import Callback
 from PIL import Image
+from safetensors.torch import save_file
 
 from rsc.datamodules.schema import PREFERENCE_FEATURES
 from rsc.toy.faces import render_faces
@@ -107,3 +111,18 @@ def run_cli(
 def steps_run(step_log: Path) -> list[int]:
     """The global steps a run (or several, appended) started, in order."""
     return [int(line) for line in step_log.read_text().split()] if step_log.is_file() else []
+
+
+class GradientRecorder(Callback):
+    """Save the refiner's gradients (after DDP's all-reduce) of the first ``steps`` steps to ``<path>/grad<step>.safetensors``."""
+
+    def __init__(self, path: str, steps: int = 1) -> None:
+        super().__init__()
+        self.path, self.steps = Path(path), steps
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if trainer.is_global_zero and trainer.global_step < self.steps:
+            self.path.mkdir(parents=True, exist_ok=True)
+            grads = {name: parameter.grad.detach().clone() for name, parameter in pl_module.refiner.named_parameters()
+                     if parameter.grad is not None}
+            save_file(grads, str(self.path / f"grad{trainer.global_step}.safetensors"))

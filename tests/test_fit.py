@@ -79,18 +79,15 @@ def test_fit_checkpoints_the_refiner_only_and_exports_it(micro_world, tmp_path: 
 
 # Exact resume after a kill (mid-epoch, between epochs, inside a checkpoint write, ...): tests/test_fault_tolerance.py.
 
-# 2 processes x batch 2 and 1 process x batch 4 differ only in float summation order (the loss means, DDP's
-# gradient all-reduce); after 6 AdamW steps at lr 1e-2 the weights agree to this (measured max: see the README).
-DDP_TOLERANCE = 1e-5
+# 2 processes x batch 2 and 1 process x batch 4 compute the same gradient up to float summation order (the loss
+# means, DDP's all-reduce): measured max relative difference ~1e-7. The weights after several steps are not a
+# fair measure: AdamW's first updates are lr * sign(g), so a gradient entry within rounding of 0 flips a whole
+# lr (measured: 0.0238 after 6 steps at lr 1e-2), whatever the implementation.
+GRADIENT_RTOL, GRADIENT_ATOL = 1e-5, 1e-8
 
 
 def _refiner(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "refiner" / "refiner.safetensors")
-
-
-def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert set(a) == set(b)
-    return max(float((a[key] - b[key]).abs().max()) for key in a)
 
 
 @pytest.mark.slow
@@ -98,22 +95,25 @@ def test_ddp_on_two_processes_equals_one_process_with_the_whole_batch(
     tiny_sd_dir: Path, tiny_prefs_dir: Path, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache"
-    one = fit_config(tiny_sd_dir, tiny_prefs_dir, tmp_path / "one", cache, max_epochs=1, batch_size=4)
-    result = run_cli("fit", ["--config", str(one)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    two = fit_config(tiny_sd_dir, tiny_prefs_dir, tmp_path / "two", cache, max_epochs=1, batch_size=2, devices=2)
-    result = run_cli("fit", ["--config", str(two), "--trainer.strategy", "ddp"])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = {"one": (1, 4), "two": (2, 2)}  # processes, batch per process
+    for name, (devices, batch_size) in runs.items():
+        recorder = {"class_path": "fitting.GradientRecorder", "init_args": {"path": str(tmp_path / name / "grads")}}
+        config = fit_config(tiny_sd_dir, tiny_prefs_dir, tmp_path / name, cache, max_epochs=1, batch_size=batch_size,
+                            devices=devices, callbacks=[recorder])
+        result = run_cli("fit", ["--config", str(config)] + (["--trainer.strategy", "ddp"] if devices > 1 else []))
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["last.ckpt"]
     checkpoints = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-                   for run in ("one", "two")]
+                   for run in runs]
     assert checkpoints[0]["global_step"] == checkpoints[1]["global_step"] == 6
     assert all(key.startswith("refiner.") for key in checkpoints[1]["state_dict"])
-    single, double = _refiner(tmp_path / "one"), _refiner(tmp_path / "two")
-    assert single["conv_out.weight"].abs().max() > 100 * DDP_TOLERANCE, "training must move the weights"
-    difference = _max_difference(single, double)
-    print(f"max |2 processes - 1 process| = {difference:.3g}")
-    assert difference < DDP_TOLERANCE
+    single, double = (load_file(tmp_path / run / "grads" / "grad0.safetensors") for run in runs)
+    assert set(single) == set(double) and single["conv_out.weight"].abs().max() > 0
+    for key in single:
+        torch.testing.assert_close(double[key], single[key], rtol=GRADIENT_RTOL, atol=GRADIENT_ATOL, msg=key)
+    weights = [_refiner(tmp_path / run) for run in runs]
+    print("max |2 processes - 1 process| after 6 steps:",
+          max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0]))
 
 
 @pytest.mark.slow
