@@ -79,11 +79,12 @@ def test_fit_checkpoints_the_refiner_only_and_exports_it(micro_world, tmp_path: 
 
 # Exact resume after a kill (mid-epoch, between epochs, inside a checkpoint write, ...): tests/test_fault_tolerance.py.
 
-# 2 processes x batch 2 and 1 process x batch 4 compute the same gradient up to float summation order (the loss
-# means, DDP's all-reduce): measured max relative difference ~1e-7. The weights after several steps are not a
-# fair measure: AdamW's first updates are lr * sign(g), so a gradient entry within rounding of 0 flips a whole
-# lr (measured: 0.0238 after 6 steps at lr 1e-2), whatever the implementation.
-GRADIENT_RTOL, GRADIENT_ATOL = 1e-5, 1e-8
+# 2 processes x batch 2 and 1 process x batch 4 compute the same gradient up to float rounding: the UNet runs at
+# another batch size (other CPU kernels) and the loss takes differences of nearly equal errors. Measured: max
+# |difference| 2.8e-4 at a gradient scale of 1.1 (conv_out); pairs drawn per rank or per step differ by O(scale).
+# The weights after several steps are not a fair measure: AdamW's first updates are lr * sign(g), so a gradient
+# entry within rounding of 0 flips a whole lr (measured: 0.0238 after 6 steps at lr 1e-2), whatever the code.
+GRADIENT_RTOL, GRADIENT_ATOL = 1e-3, 1e-3
 
 
 def _refiner(run: Path) -> dict[str, torch.Tensor]:
