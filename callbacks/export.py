@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -28,6 +29,15 @@ class ExportRefiner(Callback):
         super().__init__()
         self.dirpath = dirpath
         self.exported_to: Path | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the last export went (a run resumed after its end exports again, to the same place)."""
+        return {"exported_to": None if self.exported_to is None else str(self.exported_to)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore where the last export went."""
+        exported_to = state_dict.get("exported_to")
+        self.exported_to = None if exported_to is None else Path(exported_to)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Write the export on the global-zero process."""

@@ -242,6 +242,14 @@ class FairnessValidation(Callback):
             if module is not None:
                 module.to(pl_module.device)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The validation-run counter, so the every-N-th cadence continues across a resume."""
+        return {"validation_runs": self._validation_runs}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the validation-run counter."""
+        self._validation_runs = int(state_dict.get("validation_runs", 0))
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Every N-th validation epoch: sample, measure, log, save the grid."""
         if trainer.sanity_checking:

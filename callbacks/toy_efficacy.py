@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -40,6 +41,14 @@ class ToyEfficacyReport(Callback):
         self.world, self.samples_per_prompt, self.first_seed = world, samples_per_prompt, first_seed
         self.steps, self.guidance_scale, self.batch_size = steps, guidance_scale, batch_size
         self.report: dict | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The last report (JSON-like), so a checkpoint written after it keeps it."""
+        return {"report": self.report}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the last report."""
+        self.report = state_dict.get("report")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Sample, measure, print and save (global-zero process only)."""

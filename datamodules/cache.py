@@ -3,23 +3,34 @@
 ``<cache root>/latents/<key>/`` holds, per split, ``latents.safetensors``
 (tensors ``anti_stereotypical_latents`` (N, C, h, w), ``stereotypical_latents``,
 ``prompt_embeds`` (P, L, D) for the P distinct prompts, ``prompt_index`` (N,),
-``row_index`` (N,); the prompts and skip summary in its metadata) and
-``key.json`` (what the key hashes). Both are written atomically. The key hashes
-the backbone (:func:`rsc.identity.backbone_identity`), the split's identity, the
-split name, the image size, the preprocessing and the rsc version.
+``row_index`` (N,); the prompts and skip summary in its metadata),
+``key.json`` (what the key hashes) and, written last, ``manifest.json`` (size and
+sha256 of the other two). Each is written atomically. The key hashes the backbone
+(:func:`rsc.identity.backbone_identity`), the split's identity, the split name,
+the image size, the preprocessing and the rsc version.
+
+A cache is used only if its manifest matches its files (:func:`cache_problem`): a
+truncated, corrupted or half-written cache is reported in one line and rebuilt.
+Builders of one cache take its lock (:func:`cache_lock`): one process builds, the
+others wait and then find it built.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -28,7 +39,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 import rsc
-from rsc.atomic import atomic_path, write_json_atomic
+from rsc.atomic import atomic_path, file_sha256, write_json_atomic
 from rsc.backbone import FrozenLDM
 from rsc.datamodules.schema import IMAGE_COLUMNS
 from rsc.datamodules.sources import PreferenceSplit, decode_image
@@ -40,6 +51,8 @@ from rsc.images import uint8_to_tensor
 CACHE_FORMAT_VERSION = 2
 PREPROCESSING = "rgb; shorter side -> image_size (PIL LANCZOS); centre crop; uint8/127.5-1"
 CACHE_FILE = "latents.safetensors"
+KEY_FILE = "key.json"
+MANIFEST_FILE = "manifest.json"
 # Enough to diagnose a bad dataset without bloating the cache file's header.
 MAX_STORED_PROBLEMS = 200
 BATCH_KEYS = ("anti_stereotypical_latents", "stereotypical_latents", "prompt_embeds", "index")
@@ -195,7 +208,7 @@ def plan_split_cache(
 
 
 def write_cache(plan: SplitCachePlan, tensors: dict[str, Tensor], prompts: list[str], problems: list[RowProblem]) -> None:
-    """Write ``key.json`` and ``latents.safetensors`` (with the prompts and skipped rows in its metadata), atomically."""
+    """Write ``key.json``, ``latents.safetensors`` (prompts and skipped rows in its metadata), then the manifest."""
     metadata = {
         "prompts": json.dumps(prompts),
         "skipped": json.dumps(skip_summary(problems)),
@@ -203,9 +216,69 @@ def write_cache(plan: SplitCachePlan, tensors: dict[str, Tensor], prompts: list[
         "num_rows": str(plan.split.num_rows),
         "key": plan.key,
     }
-    write_json_atomic(plan.folder / "key.json", {"key": plan.key, **plan.payload})
+    write_json_atomic(plan.folder / KEY_FILE, {"key": plan.key, **plan.payload})
     with atomic_path(plan.file) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
+    # Last: a cache without a manifest is one whose writer was killed.
+    files = {name: {"size": (plan.folder / name).stat().st_size, "sha256": file_sha256(plan.folder / name)}
+             for name in (KEY_FILE, CACHE_FILE)}
+    write_json_atomic(plan.folder / MANIFEST_FILE, {"key": plan.key, "files": files})
+    _verified[plan.folder] = _stats(plan.folder)
+
+
+# Caches this process verified, with their files' (size, mtime) then: not hashed again unless they change.
+_verified: dict[Path, tuple[tuple[int, int], ...]] = {}
+
+
+def _stats(folder: Path) -> tuple[tuple[int, int], ...]:
+    return tuple((stat.st_size, stat.st_mtime_ns) for stat in (os.stat(folder / name) for name in (KEY_FILE, CACHE_FILE)))
+
+
+def cache_problem(plan: SplitCachePlan) -> str | None:
+    """``None`` if the cache of ``plan`` is complete and intact; else what is wrong ("missing" if there is none)."""
+    folder = plan.folder
+    if not folder.exists() or not any(folder.iterdir()):
+        return "missing"
+    manifest_path = folder / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if manifest["key"] != plan.key or set(files) != {KEY_FILE, CACHE_FILE}:
+            return f"{manifest_path} does not describe this cache"
+    except FileNotFoundError:
+        return f"no {MANIFEST_FILE} (its writer was killed, or an older rsc wrote it)"
+    except (ValueError, KeyError, TypeError) as error:
+        return f"{manifest_path} is unreadable ({type(error).__name__}: {error})"
+    try:
+        if _verified.get(folder) == _stats(folder):
+            return None
+    except FileNotFoundError:
+        pass
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{path} has {size} bytes, the manifest says {expected['size']} (truncated or overwritten)"
+        if file_sha256(path) != expected["sha256"]:
+            return f"{path} does not match its sha256 in the manifest (corrupted)"
+    _verified[folder] = _stats(folder)
+    return None
+
+
+def remove_cache(plan: SplitCachePlan) -> None:
+    """Delete the cache folder of ``plan`` (before a rebuild)."""
+    _verified.pop(plan.folder, None)
+    shutil.rmtree(plan.folder, ignore_errors=True)
+
+
+@contextmanager
+def cache_lock(plan: SplitCachePlan) -> Iterator[None]:
+    """Hold the lock of the cache of ``plan``: one process checks and builds it while the others wait."""
+    plan.folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(plan.folder.parent / f".{plan.key}.lock")):
+        yield
 
 
 def read_cache_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -51,7 +51,9 @@ snapshot commit for Hub ids), the dataset split (``datasets`` fingerprint, or
 metadata content plus image paths, sizes and mtimes for image folders), the
 split name, the image size, the preprocessing and the rsc version. Images are
 converted to RGB, resized (LANCZOS) so the shorter side is the backbone's
-native size, centre-cropped and mapped to [-1, 1].
+native size, centre-cropped and mapped to [-1, 1]. A manifest (size and sha256 of
+each file) guards the cache: a truncated, corrupted or half-written one is reported
+in one line and rebuilt, and a lock lets one process build it while others wait.
 
 The modules: :mod:`~rsc.datamodules.sources` (reading the three layouts),
 :mod:`~rsc.datamodules.validation` (row checks), :mod:`~rsc.datamodules.cache`
@@ -62,23 +64,28 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from rsc.backbone import FrozenLDM
 from rsc.cache import cache_root
 from rsc.datamodules.cache import (
     CachedPreferenceDataset,
     SplitCachePlan,
+    cache_lock,
+    cache_problem,
     encode_split,
     plan_split_cache,
     read_cache_metadata,
+    remove_cache,
     write_cache,
 )
+from rsc.datamodules.sampling import ResumableDataLoader, ResumableSampler
 from rsc.datamodules.sources import load_preference_splits
 from rsc.datamodules.validation import RowProblem, skip_summary, validate_split
 from rsc.identity import backbone_identity
@@ -189,9 +196,19 @@ class PreferenceDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ lightning hooks
     def prepare_data(self) -> None:
-        """Validate and encode every split whose cache is missing (Lightning runs it on one process per node)."""
+        """Validate and encode every split whose cache is missing or damaged (Lightning runs it on one process per node).
+
+        Each split's cache is locked while it is checked and built: a second process building
+        the same cache (another node on a shared disk, another job) waits and then uses it.
+        """
         plans = self.cache_plans()
-        missing = [plan for plan in plans.values() if not plan.file.is_file()]
+        with ExitStack() as locks:
+            for plan in sorted(plans.values(), key=lambda plan: plan.key):  # one order: no deadlock
+                locks.enter_context(cache_lock(plan))
+            self._prepare(plans)
+
+    def _prepare(self, plans: dict[str, SplitCachePlan]) -> None:
+        missing = [plan for plan in plans.values() if not self._cache_usable(plan)]
         for plan in plans.values():
             if plan not in missing:
                 self._check_cached(plan)
@@ -230,6 +247,16 @@ class PreferenceDataModule(L.LightningDataModule):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def _cache_usable(self, plan: SplitCachePlan) -> bool:
+        """Whether the cache of ``plan`` is intact; a damaged one is reported in one line and removed."""
+        problem = cache_problem(plan)
+        if problem is None:
+            return True
+        if problem != "missing":
+            log.warning("latent cache of split %r is damaged, rebuilding it: %s", plan.split.name, problem)
+            remove_cache(plan)
+        return False
+
     def _check_cached(self, plan: SplitCachePlan) -> dict[str, str]:
         metadata = read_cache_metadata(plan.file)
         skipped = json.loads(metadata.get("skipped", "{}"))
@@ -246,7 +273,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Load the cached tensors of the splits ``stage`` needs (building the cache first if it is missing)."""
         plans = self.cache_plans()
-        if any(not plan.file.is_file() for plan in plans.values()):
+        if any(cache_problem(plan) is not None for plan in plans.values()):
             # Normally prepare_data ran already; a direct setup() call (or a node without it) builds here.
             self.prepare_data()
         # Only fit and validate have dataloaders here; any other stage loads both splits.
@@ -262,22 +289,23 @@ class PreferenceDataModule(L.LightningDataModule):
             self.latent_shape, self.text_shape = dataset.latent_shape, dataset.text_shape
 
     # ------------------------------------------------------------------ loaders
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         """Shuffled training batches, each rank its own shard; the order depends only on ``seed`` and the epoch.
 
         A seeded ``DistributedSampler`` (Lightning calls its ``set_epoch``, and leaves it in
-        place under DDP) instead of ``shuffle=True``: a run resumed from an epoch-end
-        checkpoint then sees exactly the batches an uninterrupted run sees.
+        place under DDP) instead of ``shuffle=True``, in a stateful loader
+        (:mod:`rsc.datamodules.sampling`): a run resumed from any checkpoint, mid-epoch
+        included, sees exactly the batches an uninterrupted run sees.
         """
         if self.train_dataset is None:
             raise RuntimeError("call setup('fit') before train_dataloader()")
         world_size = int(getattr(self.trainer, "world_size", 1) or 1) if self.trainer is not None else 1
         rank = int(getattr(self.trainer, "global_rank", 0) or 0) if self.trainer is not None else 0
-        sampler = DistributedSampler(self.train_dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed)
-        return DataLoader(
+        sampler = ResumableSampler(self.train_dataset, num_replicas=world_size, rank=rank, seed=self.seed)
+        return ResumableDataLoader(
             self.train_dataset,
-            batch_size=self.batch_size,
             sampler=sampler,
+            batch_size=self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -39,9 +39,11 @@ from typing import Any
 import torch
 
 from rsc import __version__
-from rsc.atomic import aside_folder, write_folder_atomic
+from rsc.atomic import aside_folder, file_sha256, write_folder_atomic
+from rsc.cli import USER_ERRORS, run_cli
 from rsc.config import json_value
 from rsc.identity import BackboneConfigs
+from rsc.numerics import non_finite_tensors
 from rsc.refiner import CONFIG_NAME, WEIGHTS_NAME, LatentRefiner, RefinerConfig, RefinerCorrection
 from rsc.signature import compare_weight_signatures, weight_signature_label
 
@@ -113,14 +115,21 @@ class ExportInfo:
             payload = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read refiner config {path}: {error}") from error
+        if not isinstance(payload, dict):
+            raise ValueError(f"{path} holds a JSON {type(payload).__name__}, not an object: not a refiner config")
         missing = [key for key in ("correction_window", "strength", "backbone") if key not in payload]
         if missing:
             raise ValueError(f"{path} lacks {missing}: not a refiner exported by rsc (python -m rsc.export)")
         known = {item.name for item in fields(cls)}
         values = {key: value for key, value in payload.items() if key in known}
         window = values["correction_window"]
-        if not (isinstance(window, list) and len(window) == 2 and 0.0 <= window[0] <= window[1] <= 1.0):
+        numbers = isinstance(window, list) and len(window) == 2 and all(_is_number(value) for value in window)
+        if not (numbers and 0.0 <= window[0] <= window[1] <= 1.0):
             raise ValueError(f"{path}: correction_window must be [start, end] with 0 <= start <= end <= 1, got {window!r}")
+        if not _is_number(values["strength"]):
+            raise ValueError(f"{path}: strength must be a number, got {values['strength']!r}")
+        if not isinstance(values["backbone"], str):
+            raise ValueError(f"{path}: backbone must be a string, got {values['backbone']!r}")
         values["correction_window"] = (float(window[0]), float(window[1]))
         return cls(**values)
 
@@ -130,13 +139,8 @@ class ExportInfo:
 
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 (hex) of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def model_card(refiner: LatentRefiner, info: ExportInfo) -> str:
@@ -203,8 +207,16 @@ def export_refiner(refiner: LatentRefiner, directory: str | os.PathLike[str], in
     See :func:`rsc.atomic.write_folder_atomic` for what a killed export leaves and how the
     next export (or :func:`rsc.atomic.recover_folder`) tidies it; :func:`load_refiner_for`
     names the ``.rsc-old`` folder when a kill left ``directory`` missing. A ``directory``
-    holding files other than an export's is refused.
+    holding files other than an export's is refused, and so is a refiner with a NaN or
+    infinite weight (the error names the tensor).
     """
+
+    bad = non_finite_tensors(refiner.state_dict().items())
+    if bad:
+        raise ValueError(
+            f"refusing to export a refiner with non-finite weights: {bad[0]} holds NaN or infinity"
+            + (f" (and {len(bad) - 1} more tensor(s): {', '.join(bad[1:4])})" if len(bad) > 1 else "")
+        )
 
     def write(staging: Path) -> None:
         refiner.save_pretrained(staging, extra_config=info.to_dict())
@@ -360,7 +372,12 @@ def export_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m rsc.export --ckpt <lightning ckpt> --out <dir>``."""
+    """``python -m rsc.export --ckpt <lightning ckpt> --out <dir>``; a bad input ends with one line (:mod:`rsc.cli`)."""
+    # KeyError too: a checkpoint whose hyper-parameters lack a field the export needs.
+    run_cli(_main, argv, "rsc.export", USER_ERRORS + (KeyError,))
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m rsc.export",
         description="Export the refiner of an rsc training checkpoint as refiner.safetensors + config.json + README.md.",
@@ -375,10 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone-config", default=None, help="for a single-file backbone: its diffusers config folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        out = export_checkpoint(args.ckpt, args.out, backbone=args.backbone, backbone_config=args.backbone_config)
-    except (OSError, ValueError, KeyError) as error:
-        parser.exit(2, f"rsc.export: error: {error}\n")
+    out = export_checkpoint(args.ckpt, args.out, backbone=args.backbone, backbone_config=args.backbone_config)
     log.info("refiner exported to %s", out)
 
 

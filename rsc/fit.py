@@ -10,8 +10,10 @@ line or environment variables (``RSC_FIT_MODEL__LEARNING_RATE=...``, below a
 
 from __future__ import annotations
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from rsc.cli import USER_ERRORS, run_cli
 from rsc.datamodules.preference import PreferenceDataModule
 from rsc.module import RSCorrector
 
@@ -30,7 +32,11 @@ class RSCLightningCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> RSCLightningCLI:
-    """Parse the configuration, build model, data and trainer, and fit."""
+    """Parse the configuration, build model, data and trainer, and fit; a bad input ends with one line (:mod:`rsc.cli`)."""
+    return run_cli(_fit, args, "rsc.fit", USER_ERRORS + (MisconfigurationException,))
+
+
+def _fit(args: list[str] | None) -> RSCLightningCLI:
     cli = RSCLightningCLI(
         RSCorrector,
         PreferenceDataModule,

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from rsc import __version__
 from rsc.atomic import atomic_path, write_json_atomic
 from rsc.backbone import DTYPES
+from rsc.cli import run_cli
 from rsc.export import ExportInfo, load_refiner_for
 from rsc.identity import BackboneConfigs
 from rsc.refiner import CONFIG_NAME
@@ -217,7 +218,11 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> GenerateSummary:
-    """Parse the command line and generate."""
+    """Parse the command line and generate; a bad input ends with one line (:mod:`rsc.cli`)."""
+    return run_cli(_main, argv, "rsc.generate")
+
+
+def _main(argv: list[str] | None) -> GenerateSummary:
     parser = argparse.ArgumentParser(
         prog="python -m rsc.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -245,16 +250,13 @@ def main(argv: list[str] | None = None) -> GenerateSummary:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        summary = generate(
-            args.refiner, args.prompts, args.out, backbone=args.backbone, seeds=args.seeds,
-            num_per_prompt=args.num_per_prompt, steps=args.steps, guidance=args.guidance, strength=args.strength,
-            scheduler=args.scheduler, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
-            compare=args.compare, overwrite=args.overwrite, backbone_config=args.backbone_config, device=args.device,
-            dtype=args.dtype, allow_backbone_mismatch=args.allow_backbone_mismatch, progress=not args.no_progress,
-        )
-    except (OSError, ValueError) as error:
-        parser.exit(2, f"rsc.generate: error: {error}\n")
+    summary = generate(
+        args.refiner, args.prompts, args.out, backbone=args.backbone, seeds=args.seeds,
+        num_per_prompt=args.num_per_prompt, steps=args.steps, guidance=args.guidance, strength=args.strength,
+        scheduler=args.scheduler, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
+        compare=args.compare, overwrite=args.overwrite, backbone_config=args.backbone_config, device=args.device,
+        dtype=args.dtype, allow_backbone_mismatch=args.allow_backbone_mismatch, progress=not args.no_progress,
+    )
     log.info("%d images generated, %d already there, in %s", summary.generated, summary.skipped, summary.out)
     return summary
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from rsc.backbone import DTYPES, FrozenLDM
 from rsc.losses import PreferenceLoss, PreferenceLossOutput, per_sample_error
+from rsc.numerics import NumericsGuard, non_finite_tensors
 from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection
 from rsc.sampling import window_timestep_range
 
@@ -44,6 +45,8 @@ class RSCorrector(L.LightningModule):
         gradient_checkpointing: Recompute UNet activations in the backward pass (saves GPU memory).
         compile_refiner: ``torch.compile`` the refiner.
         seed: Seed of the validation noise (validation is deterministic).
+        max_consecutive_skipped_steps: A step with a non-finite loss or gradient is skipped and
+            counted (``train/skipped_steps``); this many in a row stop the run (:mod:`rsc.numerics`).
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class RSCorrector(L.LightningModule):
         gradient_checkpointing: bool = False,
         compile_refiner: bool = False,
         seed: int = 0,
+        max_consecutive_skipped_steps: int = 10,
     ) -> None:
         super().__init__()
         if backbone_dtype not in DTYPES:
@@ -97,16 +101,28 @@ class RSCorrector(L.LightningModule):
         )
         # The backbone is rebuilt from hparams; checkpoints hold the refiner only.
         self.strict_loading = False
+        self.numerics = NumericsGuard(max_consecutive_skipped_steps)
+        self._skip_step = False
 
     # ------------------------------------------------------------------ the step
-    def pair_step(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[PreferenceLossOutput, Tensor]:
-        """Loss on a batch of pairs: one timestep and noise per pair, winner and loser through one UNet call each."""
+    def pair_step(
+        self,
+        batch: dict[str, Tensor],
+        generator: torch.Generator | None = None,
+        draws: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[PreferenceLossOutput, Tensor]:
+        """Loss on a batch of pairs: one timestep and noise per pair, winner and loser through one UNet call each.
+
+        ``draws`` (timesteps (B,), noise (B, C, h, w)) if given, else both drawn from ``generator``.
+        """
         winners, losers = batch["anti_stereotypical_latents"], batch["stereotypical_latents"]
         text = batch["prompt_embeds"]
         pairs = winners.shape[0]
-        low, high = self.timestep_range
-        timesteps = torch.randint(low, high, (pairs,), generator=generator, device="cpu").to(winners.device)
-        noise = torch.randn(winners.shape, generator=generator, device="cpu").to(winners.device, winners.dtype)
+        if draws is None:
+            low, high = self.timestep_range
+            draws = (torch.randint(low, high, (pairs,), generator=generator, device="cpu"),
+                     torch.randn(winners.shape, generator=generator, device="cpu"))
+        timesteps, noise = draws[0].to(winners.device), draws[1].to(winners.device, winners.dtype)
         clean = torch.cat([winners, losers])
         timesteps, text = torch.cat([timesteps, timesteps]), torch.cat([text, text])
         noisy = self.ldm.add_noise(clean, torch.cat([noise, noise]), timesteps)
@@ -139,18 +155,52 @@ class RSCorrector(L.LightningModule):
         self.log(f"{prefix}/loss", output.loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step,
                  batch_size=batch_size, sync_dist=not on_step)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """One optimisation step on a batch of preference pairs.
+    def pair_draws(self, indices: Tensor, latent_shape: tuple[int, ...], epoch: int) -> tuple[Tensor, Tensor]:
+        """Each pair's training timestep and noise, from a generator seeded by (seed, epoch, its dataset index).
 
-        Timesteps and noise come from a generator seeded by (seed, step, rank), not from the
-        global RNG, so a run resumed from a checkpoint draws exactly what an uninterrupted one would.
+        Not by the step, the rank or the batch: a resumed run draws what an uninterrupted one
+        would, and W processes with batch B/W draw what one process with batch B draws.
         """
-        generator = torch.Generator().manual_seed(
-            (self.hparams.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank
-        )
-        output, delta = self.pair_step(batch, generator)
+        low, high = self.timestep_range
+        timesteps, noise = [], []
+        for index in indices.tolist():
+            generator = torch.Generator().manual_seed((self.hparams.seed * 1_000_003 + epoch) * 10_000_019 + int(index))
+            timesteps.append(torch.randint(low, high, (1,), generator=generator))
+            noise.append(torch.randn(latent_shape, generator=generator))
+        return torch.cat(timesteps), torch.stack(noise)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """One optimisation step on a batch of preference pairs (timesteps and noise from :meth:`pair_draws`)."""
+        latents = batch["anti_stereotypical_latents"]
+        draws = self.pair_draws(batch["index"], tuple(latents.shape[1:]), self.current_epoch)
+        output, delta = self.pair_step(batch, draws=draws)
         self._log_output("train", output, delta, batch["prompt_embeds"].shape[0])
-        return output.loss
+        return self._guard_loss(output.loss)
+
+    # ------------------------------------------------------------------ the numerics guard
+    def _guard_loss(self, loss: Tensor) -> Tensor:
+        finite = bool(torch.isfinite(loss.detach()).all())
+        # All ranks skip together, or one rank's optimizer would step on the others' gradients alone.
+        self._skip_step = not self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if self._skip_step:
+            self.numerics.skip(self.global_step, f"loss = {loss.item()}")
+            # A zero loss on the parameters: every rank still runs a backward (DDP all-reduces in it).
+            loss = sum((parameter.sum() for parameter in self.refiner.parameters()), torch.zeros((), device=self.device)) * 0.0
+        self.log("train/skipped_steps", float(self.numerics.skipped), on_step=True, on_epoch=False)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip the step (no gradient, so AdamW leaves weights and moments alone) on a non-finite loss or gradient."""
+        if not self._skip_step:
+            bad = non_finite_tensors((name, parameter.grad) for name, parameter in self.refiner.named_parameters())
+            if not bad:
+                self.numerics.ok()
+                return
+            # Gradients are all-reduced already, so every rank sees the same ones and decides alike.
+            self.numerics.skip(self.global_step, f"non-finite gradient of refiner.{bad[0]} ({len(bad)} tensor(s))")
+        self._skip_step = False
+        for parameter in self.refiner.parameters():
+            parameter.grad = None
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """The same loss with noise and timesteps fixed by the row indices (identical every epoch)."""
@@ -173,6 +223,11 @@ class RSCorrector(L.LightningModule):
         checkpoint["state_dict"] = {
             key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("ldm.")
         }
+        checkpoint["numerics_guard"] = self.numerics.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the skipped-step counters."""
+        self.numerics.load_state_dict(checkpoint.get("numerics_guard", {}))
 
     @property
     def correction_window(self) -> tuple[float, float]:

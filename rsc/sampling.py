@@ -51,10 +51,19 @@ def correction_step_indices(num_steps: int, window: tuple[float, float]) -> list
     pure noise: step ``i`` is corrected when ``start <= i / num_steps < end``.
     The same rule decides which timesteps a refiner is trained on.
     """
-    start, end = window
+    start, end = _window_fractions(window)
     if not 0.0 <= start <= end <= 1.0:
-        raise ValueError(f"correction window must satisfy 0 <= start <= end <= 1, got {window}")
+        raise ValueError(f"correction window must satisfy 0 <= start <= end <= 1, got {window!r}")
     return [i for i in range(num_steps) if start <= i / num_steps < end]
+
+
+def _window_fractions(window: Any) -> tuple[float, float]:
+    """``(start, end)`` as floats, or a ValueError naming the window (not a bare TypeError deep inside)."""
+    try:
+        start, end = window
+        return float(start), float(end)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"correction window must be two numbers (start, end), got {window!r}") from error
 
 
 def correction_timestep_indices(num_entries: int, num_steps: int, window: tuple[float, float]) -> list[int]:
@@ -86,12 +95,13 @@ def window_timestep_range(window: tuple[float, float], num_train_timesteps: int 
     seen from the training side, so training and sampling correct the same noise levels
     (for order-2 schedulers too, see :func:`correction_timestep_indices`).
     """
-    start, end = window
+    start, end = _window_fractions(window)
     if not 0.0 <= start < end <= 1.0:
-        raise ValueError(f"correction window must satisfy 0 <= start < end <= 1, got {window}")
-    low = int(round(num_train_timesteps * (1.0 - end)))
+        raise ValueError(f"correction window must satisfy 0 <= start < end <= 1, got {window!r}")
+    # Timesteps are 0 .. T-1: a window that ends within half a timestep of pure noise still gets t = T-1.
+    low = min(int(round(num_train_timesteps * (1.0 - end))), num_train_timesteps - 1)
     high = int(round(num_train_timesteps * (1.0 - start)))
-    return low, max(high, low + 1)
+    return low, min(max(high, low + 1), num_train_timesteps)
 
 
 def make_scheduler(reference: SchedulerMixin, scheduler: SchedulerMixin | str | None = None) -> SchedulerMixin:

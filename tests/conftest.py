@@ -37,3 +37,11 @@ def tiny_sd_v_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _fixed_threads() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_prefs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``save_to_disk`` preference dataset of 24 train / 8 validation pairs of 64x64 toy renders."""
+    from fitting import build_preferences
+
+    return build_preferences(tmp_path_factory.mktemp("tiny_prefs") / "prefs")

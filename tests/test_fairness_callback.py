@@ -152,7 +152,7 @@ def _demo_callback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **init_args:
 
     monkeypatch.chdir(REPO)  # the config's paths are relative to the repository, as in the demo
     config = yaml.safe_load((REPO / "configs" / "toy.yaml").read_text())
-    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "ModelCheckpoint" not in c["class_path"]]
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith("Checkpoint")]
     config["trainer"].update(logger=False, default_root_dir=str(tmp_path))
     for entry in config["trainer"]["callbacks"]:
         if entry["class_path"].endswith("FairnessValidation"):

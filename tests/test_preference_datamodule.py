@@ -98,8 +98,9 @@ def test_cached_latents_and_embeddings_equal_hand_encoding(prefs_dir: Path, tiny
     assert dm.latent_shape == (4, 16, 16) and dm.text_shape == (77, 32)
     assert dm.image_size == 64
 
-    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert len(files) == 4 and all(f.startswith("latents/") and f.endswith((CACHE_FILE, "key.json")) for f in files)
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".lock")
+    assert len(files) == 6 and all(f.startswith("latents/") and f.endswith((CACHE_FILE, "key.json", "manifest.json"))
+                                   for f in files)
     key = json.loads(next(tmp_path.rglob("key.json")).read_text())
     assert set(key) >= {"key", "backbone", "dataset", "split", "image_size", "rsc", "format"}
 

@@ -29,7 +29,7 @@ def _relocated_demo_config(run_dir: Path, cache: Path) -> Path:
     trainer["enable_progress_bar"] = False
     trainer["logger"]["init_args"]["save_dir"] = str(run_dir)
     for callback in trainer["callbacks"]:
-        if callback["class_path"].endswith("ModelCheckpoint"):
+        if callback["class_path"].endswith("Checkpoint"):
             callback["init_args"]["dirpath"] = str(run_dir / "checkpoints")
         if callback["class_path"].endswith("ToyEfficacyReport"):
             callback.setdefault("init_args", {})["world"] = str(REPO / "rsc" / "toy" / "world")

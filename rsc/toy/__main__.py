@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from rsc.cache import cache_root
+from rsc.cli import run_cli
 from rsc.toy.faces import GROUPS
 from rsc.toy.manifest import compare_worlds
 from rsc.toy.world import ToyWorld, ToyWorldConfig, build_toy_world, get_toy_world, load_toy_world
@@ -43,7 +44,11 @@ def _world(args: argparse.Namespace) -> ToyWorld:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m rsc.toy``."""
+    """Entry point of ``python -m rsc.toy``; a bad input ends with one line (:mod:`rsc.cli`)."""
+    return run_cli(_main, argv, "rsc.toy")
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rsc.toy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
