@@ -18,26 +18,13 @@ import yaml
 
 from rsc.callbacks.fairness import FairnessValidation
 from rsc.fit import main as fit_main
+from rsc.relocate import relocate_toy_fit_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _relocated_demo_config(run_dir: Path, cache: Path) -> Path:
-    config = yaml.safe_load((REPO / "configs" / "toy.yaml").read_text())
-    trainer = config["trainer"]
-    trainer["default_root_dir"] = str(run_dir)
-    trainer["enable_progress_bar"] = False
-    trainer["logger"]["init_args"]["save_dir"] = str(run_dir)
-    for callback in trainer["callbacks"]:
-        if callback["class_path"].endswith("Checkpoint"):
-            callback["init_args"]["dirpath"] = str(run_dir / "checkpoints")
-        if callback["class_path"].endswith("ToyEfficacyReport"):
-            callback.setdefault("init_args", {})["world"] = str(REPO / "rsc" / "toy" / "world")
-        if callback["class_path"].endswith("FairnessValidation"):
-            callback["init_args"]["classifier"]["init_args"]["path"] = str(REPO / "rsc" / "toy" / "world" / "classifier")
-            callback["init_args"]["aesthetic"]["init_args"]["path"] = str(REPO / "rsc" / "toy" / "world" / "quality")
-    config["model"]["backbone"] = str(REPO / "rsc" / "toy" / "world" / "sd")
-    config["data"].update(dataset=str(REPO / "rsc" / "toy" / "world" / "preferences"), cache_dir=str(cache), progress=False)
+    config = relocate_toy_fit_config(REPO / "configs" / "toy.yaml", REPO / "rsc" / "toy" / "world", run_dir, cache)
     path = run_dir.parent / "toy.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -64,7 +51,10 @@ def test_demo_fit_corrects_the_toy_stereotype(tmp_path: Path) -> None:
         assert groups[name]["gender_consistency"][1] > groups[name]["gender_consistency"][0], name
     for name, row in groups.items():
         assert row["group_match"][1] >= 0.85, f"{name}: group match {row['group_match']}"
-    assert all(ok for check, ok in report["checks"].items() if check != "non_targeted_ssim_at_least_0.9"), report["checks"]
+    assert all(report["checks"].values()), report["checks"]
+    for name, row in groups.items():
+        if not row["targeted"]:
+            assert row["ssim"] >= 0.9, f"{name}: the correction changed a non-targeted group (SSIM {row['ssim']:.3f})"
     assert (efficacy_files[0].parent / "refiner" / "refiner.safetensors").is_file()
 
     # The validation callback's metrics (8 seeds per prompt, the last validation) tell the same story.
@@ -77,10 +67,6 @@ def test_demo_fit_corrects_the_toy_stereotype(tmp_path: Path) -> None:
             # At most one of its 16 images may flip.
             assert values[f"val/stereotype_rate/{name}"] <= values[f"val/stereotype_rate_uncorrected/{name}"] + 1 / 16, name
 
-    # Preservation of the non-targeted groups, last: on toy world v3 (4000-step UNet) the shipped recipe leaves
-    # ardan at SSIM 0.886 (< 0.9), a known miss that issue 12 (efficacy v2, non-targeted SSIM >= 0.95) owns.
-    changed = {name: round(row["ssim"], 3) for name, row in groups.items() if not row["targeted"] and row["ssim"] < 0.9}
-    changed |= {f"{name} (8 seeds)": round(values[f"val/ssim/{name}"], 3)
-                for name, row in groups.items() if not row["targeted"] and values[f"val/ssim/{name}"] < 0.85}
-    if changed:
-        pytest.xfail(f"non-targeted images changed too much (SSIM {changed}); known on toy world v3, see issue 12")
+    for name, row in groups.items():
+        if not row["targeted"]:
+            assert values[f"val/ssim/{name}"] >= 0.85, (name, values[f"val/ssim/{name}"])
