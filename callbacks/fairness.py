@@ -42,16 +42,14 @@ from PIL import Image
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from rsc.callbacks.measures import IMAGE_SUFFIXES, ValidationPrompt, check_prompt_attributes
+from rsc.callbacks.measures import IMAGE_SUFFIXES, ValidationPrompt, attribute_metrics, check_prompt_attributes
 from rsc.callbacks.metrics import (
     AestheticScore,
-    AttributeConsistency,
     DistributionFairness,
     FaceDetection,
     LPIPSPreservation,
     PromptFidelity,
     SSIMPreservation,
-    StereotypeRate,
     find_local_lpips_backbone,
 )
 from rsc.callbacks.protocol import CorrectorModule, as_corrector
@@ -281,11 +279,8 @@ class FairnessValidation(Callback):
 
     def _make_metrics(self, device: torch.device) -> dict[str, Metric]:
         groups = self.groups
-        metrics: dict[str, Metric] = {"group_match": AttributeConsistency(groups, name="group_match")}
-        if self.gender_attribute is not None:
-            metrics["gender_consistency"] = AttributeConsistency(groups, name="gender_consistency")
-        if self.stereotype_attribute is not None:
-            metrics["stereotype_rate"] = StereotypeRate(groups, threshold=self.stereotype_threshold)
+        metrics: dict[str, Metric] = attribute_metrics(
+            groups, self.gender_attribute is not None, self.stereotype_attribute is not None, self.stereotype_threshold)
         if self.faces is not None:
             metrics["faces"] = FaceDetection(groups)
         if self.neutral:

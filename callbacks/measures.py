@@ -103,6 +103,18 @@ def check_prompt_attributes(
     return tuple(labels[group_attribute])
 
 
+def attribute_metrics(
+    names: Sequence[str], gender: bool, stereotype: bool, stereotype_threshold: float = 0.5
+) -> dict[str, Any]:
+    """The classifier's metrics over slots ``names``: group match, and gender consistency / stereotype rate if asked."""
+    metrics: dict[str, Any] = {"group_match": AttributeConsistency(names, name="group_match")}
+    if gender:
+        metrics["gender_consistency"] = AttributeConsistency(names, name="gender_consistency")
+    if stereotype:
+        metrics["stereotype_rate"] = StereotypeRate(names, threshold=stereotype_threshold)
+    return metrics
+
+
 class ProbabilityFeatures(nn.Module):
     """Features of any attribute classifier: its probabilities of every attribute, concatenated."""
 
@@ -281,11 +293,8 @@ def measure(
     # The same metric classes, once with groups as slots and once with prompts as slots.
     results: dict[str, dict[str, float | None]] = {}
     for level, names, slot_ids in (("group", groups, group_ids), ("prompt", tuple(keys), prompt_ids)):
-        metrics: dict[str, Any] = {"group_match": AttributeConsistency(names, name="group_match")}
-        if judges.gender_attribute is not None:
-            metrics["gender_consistency"] = AttributeConsistency(names, name="gender_consistency")
-        if judges.stereotype_attribute is not None:
-            metrics["stereotype_rate"] = StereotypeRate(names, threshold=judges.stereotype_threshold)
+        metrics = attribute_metrics(names, judges.gender_attribute is not None, judges.stereotype_attribute is not None,
+                                    judges.stereotype_threshold)
         if analysis.quality is not None:
             metrics["quality"] = AestheticScore(names, name="quality")
         if baseline is not None:

@@ -119,20 +119,20 @@ def _check_inputs(prompts: list[ValidationPrompt], seeds: list[int], methods: li
         raise ValueError(f"rsc.evaluate: methods have duplicate labels {duplicates}; give each a distinct label")
 
 
-def _unet_counter(unet: torch.nn.Module) -> tuple[list[int], Any]:
-    """Count images through the UNet (a forward pre-hook adding each call's batch size)."""
+def _unet_counter(unets: list[torch.nn.Module]) -> tuple[list[int], list[Any]]:
+    """Count images through the UNets (forward pre-hooks adding each call's batch size)."""
     count = [0]
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs["sample"]
         count[0] += int(sample.shape[0])
 
-    return count, unet.register_forward_pre_hook(hook, with_kwargs=True)
+    unique = {id(unet): unet for unet in unets}
+    return count, [unet.register_forward_pre_hook(hook, with_kwargs=True) for unet in unique.values()]
 
 
 def measure_cost(
     methods: dict[str, Method], prompts: list[ValidationPrompt], sampling: SamplingSettings, images: int, rounds: int,
-    unet: torch.nn.Module,
 ) -> dict[str, dict[str, float]]:
     """Seconds per image (median of ``rounds``), ratio to ``none``, UNet passes per image and peak memory per method.
 
@@ -147,8 +147,9 @@ def measure_cost(
     times: dict[str, list[float]] = {key: [] for key in methods}
     passes: dict[str, int] = {}
     peaks: dict[str, float] = {key: 0.0 for key in methods}
-    cuda = next(unet.parameters()).is_cuda
-    count, handle = _unet_counter(unet)
+    unets = [unet for method in methods.values() for unet in method.unets()]
+    cuda = next(unets[0].parameters()).is_cuda
+    count, handles = _unet_counter(unets)
     try:
         for _ in range(rounds):
             for key, method in methods.items():
@@ -165,7 +166,8 @@ def measure_cost(
                 peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 peaks[key] = max(peaks[key], peak)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     seconds = {key: statistics.median(values) for key, values in times.items()}
     base = seconds.get(BASELINE)
     return {
@@ -330,7 +332,7 @@ def evaluate(
                                where="rsc.evaluate")
     for key in built:
         add_ratio(metrics[key], metrics[baseline_key])
-    cost = measure_cost(built, prompts, sampling, cost_images, cost_rounds, ldm.unet) if rank == 0 else {}
+    cost = measure_cost(built, prompts, sampling, cost_images, cost_rounds) if rank == 0 else {}
     if cost and baseline_key != BASELINE:
         for row in cost.values():
             base = cost[baseline_key]["seconds_per_image"]

@@ -135,7 +135,8 @@ def _grid(baseline: Tensor, method: Tensor, prompt_keys: list[str], path: Path) 
     for key in dict.fromkeys(prompt_keys):
         picks = [i for i, k in enumerate(prompt_keys) if k == key]
         rows += [baseline[picks], method[picks]]
-        labels += [f"{key[-16:]} none", f"{key[-16:]} method"]
+        short = key.removeprefix("a_photo_of_a_")[:18]
+        labels += [f"{short} before", f"{short} after"]
     image: Image.Image = labelled_grid(rows, labels, label_width=150)
     with atomic_path(path) as temporary:
         image.save(temporary, format="PNG")

@@ -24,7 +24,7 @@ from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection
 from rsc.toy.world import ToyWorldConfig, build_toy_world
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ["none", "negative_prompt", "prompt_addition", "semantic_guidance", "classifier_guidance", "rsc"]
+METHODS = ["none", "negative_prompt", "prompt_addition", "semantic_guidance", "classifier_guidance", "rsc", "finetune_dpo"]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,9 @@ def _config(world, refiner: Path, path: Path, **changes) -> Path:  # noqa: ANN00
     for method in config["methods"]:
         if method["name"] == "semantic_guidance":
             method["options"]["warmup_steps"] = 1
+        if method["name"] == "finetune_dpo":
+            method["options"].update(dataset=str(world.preferences_path), steps=2, batch_size=4,
+                                     cache_dir=str(path.parent / "dpo"))
     config.update(changes)
     path.write_text(yaml.safe_dump(config))
     return path
@@ -184,3 +187,25 @@ def test_toy_efficacy_is_measured_per_prompt_and_group(micro_world, tmp_path: Pa
     corrected = toy_efficacy(str(micro_world.path), ldm, RefinerCorrection(refiner, 1.5), (0.0, 0.5), 3, batch_size=12)
     assert torch.equal(corrected.uncorrected, unchanged.uncorrected)
     assert min(row["ssim"] for row in corrected.report["per_prompt"].values()) < 0.999
+
+
+def test_finetune_dpo_trains_once_and_is_cached(micro_world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    from rsc.callbacks.measures import ValidationPrompt
+    from rsc.methods import FinetuneDPO, MethodContext, SamplingSettings, build_method
+
+    ldm = FrozenLDM.from_pretrained(micro_world.sd_path)
+    options = {"dataset": str(micro_world.preferences_path), "steps": 3, "batch_size": 4, "learning_rate": 0.05,
+               "cache_dir": str(tmp_path)}
+    prompts, seeds, sampling = [ValidationPrompt("a photo of a belor man", "belor", "man")] * 2, [0, 1], SamplingSettings(4, 7.0)
+    trained = build_method("finetune_dpo", options)
+    trained.setup(MethodContext(ldm=ldm))
+    assert len(list(tmp_path.glob("dpo-*/lora.safetensors"))) == 1
+    images = trained.render(prompts, seeds, sampling)
+    none = build_method("none")
+    none.setup(MethodContext(ldm=ldm))
+    assert (images - none.render(prompts, seeds, sampling)).abs().max() > 1e-4
+    monkeypatch.setattr(FinetuneDPO, "_train", lambda *args: pytest.fail("a cached adapter must not be retrained"))
+    cached = build_method("finetune_dpo", options)
+    cached.setup(MethodContext(ldm=ldm))
+    assert cached.identity() == trained.identity()
+    torch.testing.assert_close(cached.render(prompts, seeds, sampling), images, atol=1e-6, rtol=0)

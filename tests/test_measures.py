@@ -16,7 +16,7 @@ from rsc.toy.classifier import ToyAttributeClassifier, ToyClassifierConfig
 
 def test_diversity_is_the_rms_pairwise_distance_per_prompt() -> None:
     torch.manual_seed(0)
-    features, prompt_ids = torch.randn(9, 5), torch.tensor([0, 1, 0, 0, 1, 0, 1, 1, 2])
+    features, prompt_ids = torch.randn(9, 5).double(), torch.tensor([0, 1, 0, 0, 1, 0, 1, 1, 2])
     metric = Diversity(["a", "b", "c"], feature_dim=5)
     metric.update(features[:4], prompt_ids[:4])  # two updates: states add up
     metric.update(features[4:], prompt_ids[4:])
@@ -31,20 +31,20 @@ def test_diversity_is_the_rms_pairwise_distance_per_prompt() -> None:
 
 def test_group_kid_equals_torchmetrics_mmd_and_ignores_update_order() -> None:
     torch.manual_seed(1)
-    fake, real = torch.randn(12, 6).double(), torch.randn(10, 6).double() + 0.5
+    fake, real = torch.randn(12, 6).double(), torch.randn(12, 6).double() + 0.5  # KID compares equal-size subsets
     groups = torch.tensor([0] * 6 + [1] * 6)
     first = GroupKID(["x", "y"], subset_size=100, subsets=2)
-    first.add_references(real[:5], 0)
-    first.add_references(real[5:], 1)
+    first.add_references(real[:6], 0)
+    first.add_references(real[6:], 1)
     first.update(fake, groups, torch.arange(12))
     values = first.compute()
-    assert float(values["kid/x"]) == pytest.approx(float(poly_mmd(real[:5], fake[:6])), rel=1e-9)
-    assert float(values["kid/y"]) == pytest.approx(float(poly_mmd(real[5:], fake[6:])), rel=1e-9)
+    assert float(values["kid/x"]) == pytest.approx(float(poly_mmd(real[:6], fake[:6])), rel=1e-9)
+    assert float(values["kid/y"]) == pytest.approx(float(poly_mmd(real[6:], fake[6:])), rel=1e-9)
     # Subsets smaller than the sets: the draws follow the images' order, not the update order.
     small = [GroupKID(["x", "y"], subset_size=4, subsets=5) for _ in range(2)]
     for metric in small:
-        metric.add_references(real[:5], 0)
-        metric.add_references(real[5:], 1)
+        metric.add_references(real[:6], 0)
+        metric.add_references(real[6:], 1)
     small[0].update(fake, groups, torch.arange(12))
     reverse = torch.arange(11, -1, -1)
     small[1].update(fake[reverse], groups[reverse], reverse)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from rsc.backbone import FrozenLDM
-from rsc.callbacks.fairness import ValidationPrompt
+from rsc.callbacks.measures import ValidationPrompt
 from rsc.classifiers import ToyClassifier
 from rsc.export import BackboneMismatchError, ExportInfo, export_refiner
 from rsc.generate import generate
@@ -51,7 +51,8 @@ def plain(context: MethodContext) -> torch.Tensor:
 
 
 def test_registry_names_every_method_and_rejects_unknown_ones() -> None:
-    assert {"none", "negative_prompt", "prompt_addition", "rsc", "classifier_guidance", "semantic_guidance"} <= set(METHODS)
+    assert {"none", "negative_prompt", "prompt_addition", "rsc", "classifier_guidance", "semantic_guidance",
+            "finetune_dpo"} <= set(METHODS)
     with pytest.raises(ValueError, match="unknown method 'sega'.*known methods"):
         build_method("sega")
     with pytest.raises(ValueError, match="bad options .* 'negative_prompt'"):
@@ -107,6 +108,14 @@ def test_semantic_guidance_at_scale_zero_is_none_and_costs_a_pass_per_concept(co
 def test_classifier_guidance_at_scale_zero_is_none_and_moves_the_image_otherwise(context: MethodContext, plain: torch.Tensor) -> None:
     torch.testing.assert_close(_render("classifier_guidance", context, scale=0.0), plain, atol=1e-6, rtol=0)
     assert (_render("classifier_guidance", context, scale=500.0) - plain).abs().max() > 1e-3
+
+
+def test_a_zero_lora_is_none(context: MethodContext, plain: torch.Tensor) -> None:
+    method = build_method("finetune_dpo", {"steps": 0})
+    method.setup(context)
+    assert sum(p.numel() for p in method._module.lora_parameters()) > 0  # the adapter is there, at zero
+    torch.testing.assert_close(method.render(PROMPTS, SEEDS, SAMPLING), plain, atol=1e-6, rtol=0)
+    assert context.ldm.unet is not method._module.unet  # the shared backbone is not changed
 
 
 def test_classifier_guidance_needs_the_attributes(context: MethodContext) -> None:

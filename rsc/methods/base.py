@@ -19,7 +19,7 @@ from rsc.sampling import sample
 
 if TYPE_CHECKING:
     from rsc.backbone import FrozenLDM
-    from rsc.callbacks.fairness import ValidationPrompt
+    from rsc.callbacks.measures import ValidationPrompt
     from rsc.classifiers.base import AttributeClassifier
 
 
@@ -74,6 +74,10 @@ class Method(ABC):
     def identity(self) -> dict[str, Any]:
         """Name and options, plus anything loaded in :meth:`setup` that changes the images (e.g. weights' hashes)."""
         return {"method": self.name, **self.options()}
+
+    def unets(self) -> list[Any]:
+        """The UNet modules :meth:`render` runs (the cost counts their passes); default: the backbone's."""
+        return [self.context.ldm.unet]
 
     @abstractmethod
     def render(self, prompts: Sequence[ValidationPrompt], seeds: Sequence[int], sampling: SamplingSettings) -> Tensor:

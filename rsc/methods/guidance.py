@@ -10,7 +10,7 @@ from torch import Tensor
 from rsc.methods.base import Method, MethodContext, SamplingSettings, register
 
 if TYPE_CHECKING:
-    from rsc.callbacks.fairness import ValidationPrompt
+    from rsc.callbacks.measures import ValidationPrompt
 
 
 @register

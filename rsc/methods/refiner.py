@@ -12,7 +12,7 @@ from rsc.identity import BackboneConfigs
 from rsc.methods.base import Method, MethodContext, SamplingSettings, register
 
 if TYPE_CHECKING:
-    from rsc.callbacks.fairness import ValidationPrompt
+    from rsc.callbacks.measures import ValidationPrompt
 
 
 @register

@@ -20,7 +20,7 @@ from rsc.methods.base import Method, MethodContext, SamplingSettings, register
 from rsc.sampling import make_scheduler
 
 if TYPE_CHECKING:
-    from rsc.callbacks.fairness import ValidationPrompt
+    from rsc.callbacks.measures import ValidationPrompt
 
 
 @register
