@@ -137,7 +137,8 @@ def measure_cost(
     """Seconds per image (median of ``rounds``), ratio to ``none``, UNet passes per image and peak memory per method.
 
     The methods run interleaved (round 1: every method, round 2: every method, ...) on the same
-    ``images`` (prompt, seed) pairs, so load on the machine affects them alike. Peak memory is the
+    ``images`` (prompt, seed) pairs after one untimed warm-up call each, so load on the machine affects
+    them alike (on a busy machine the ratios are still noisy: time on a quiet one). Peak memory is the
     CUDA peak allocated during the method's runs, or on a CPU the process's peak RSS so far (an upper bound).
     """
     if images < 1 or rounds < 1:
@@ -149,6 +150,8 @@ def measure_cost(
     peaks: dict[str, float] = {key: 0.0 for key in methods}
     unets = [unet for method in methods.values() for unet in method.unets()]
     cuda = next(unets[0].parameters()).is_cuda
+    for method in methods.values():  # untimed warm-up: first calls pay for allocations and lazy set-up
+        method.render(chosen[:1], seeds[:1], sampling)
     count, handles = _unet_counter(unets)
     try:
         for _ in range(rounds):
@@ -258,15 +261,15 @@ def evaluate(
     prompts = [p if isinstance(p, ValidationPrompt) else ValidationPrompt(**p) for p in prompts]
     methods = [m if isinstance(m, MethodSpec) else MethodSpec(**m) for m in methods]
     _check_inputs(prompts, seeds, methods)
-    if BASELINE not in [m.name for m in methods]:
-        methods.insert(0, MethodSpec(BASELINE))
-    baseline_key = next(m.key for m in methods if m.name == BASELINE)
     built: dict[str, Method] = {}
     for index, spec in enumerate(methods):
         options = dict(spec.options)
         if spec.name == "rsc" and refiner is not None:
             options["refiner"] = refiner
         built[spec.key] = build_method(spec.name, options, where=f"rsc.evaluate: methods[{index}] ({spec.key})")
+    if BASELINE not in [m.name for m in methods]:  # every comparison is relative to plain sampling
+        built = {BASELINE: build_method(BASELINE), **built}
+    baseline_key = next(key for key, method in built.items() if method.name == BASELINE)
     if references is None:
         reference_source = None
     elif references == "toy":
