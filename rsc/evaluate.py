@@ -290,7 +290,7 @@ def evaluate(
     ldm = FrozenLDM.from_pretrained(backbone, device=device)
     for module in (classifier, quality, judges.features):
         if module is not None:
-            module.to(device)
+            module.to(device).eval()  # judges are frozen: batch norm uses its running statistics
     context = MethodContext(ldm=ldm, classifier=classifier)
     for method in built.values():
         method.setup(context)

@@ -208,4 +208,4 @@ def test_finetune_dpo_trains_once_and_is_cached(micro_world, tmp_path: Path, mon
     cached = build_method("finetune_dpo", options)
     cached.setup(MethodContext(ldm=ldm))
     assert cached.identity() == trained.identity()
-    torch.testing.assert_close(cached.render(prompts, seeds, sampling), images, atol=1e-6, rtol=0)
+    torch.testing.assert_close(cached.render(prompts, seeds, sampling), images, atol=1e-5, rtol=0)

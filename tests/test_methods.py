@@ -63,7 +63,8 @@ def test_none_is_the_plain_sampler(context: MethodContext, plain: torch.Tensor) 
     from rsc.sampling import sample
 
     expected = sample(context.ldm, [p.prompt for p in PROMPTS], SEEDS, steps=4, guidance_scale=6.0, progress=False)
-    assert plain.shape == (2, 3, 64, 64) and torch.equal(plain, expected.images)
+    assert plain.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(plain, expected.images, atol=1e-5, rtol=0)  # thread scheduling may reorder sums
 
 
 def _unet_inputs(ldm: FrozenLDM, render) -> tuple[list[torch.Tensor], torch.Tensor]:  # noqa: ANN001
@@ -94,7 +95,7 @@ def test_prompt_addition_samples_the_extended_prompt(context: MethodContext) -> 
     images = _render("prompt_addition", context, addition=", portrait")
     expected = sample(context.ldm, [p.prompt + ", portrait" for p in PROMPTS], SEEDS, steps=4, guidance_scale=6.0,
                       progress=False).images
-    assert torch.equal(images, expected)
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
 
 
 def test_semantic_guidance_at_scale_zero_is_none_and_costs_a_pass_per_concept(context: MethodContext, plain: torch.Tensor) -> None:
@@ -106,7 +107,11 @@ def test_semantic_guidance_at_scale_zero_is_none_and_costs_a_pass_per_concept(co
 
 
 def test_classifier_guidance_at_scale_zero_is_none_and_moves_the_image_otherwise(context: MethodContext, plain: torch.Tensor) -> None:
-    torch.testing.assert_close(_render("classifier_guidance", context, scale=0.0), plain, atol=1e-6, rtol=0)
+    context.classifier.train()  # as jsonargparse builds it; guidance must not use or change batch statistics
+    before = {k: v.clone() for k, v in context.classifier.state_dict().items()}
+    torch.testing.assert_close(_render("classifier_guidance", context, scale=0.0), plain, atol=1e-5, rtol=0)
+    assert all(torch.equal(before[k], v) for k, v in context.classifier.state_dict().items())
+    assert context.classifier.training
     assert (_render("classifier_guidance", context, scale=500.0) - plain).abs().max() > 1e-3
 
 
@@ -114,7 +119,7 @@ def test_a_zero_lora_is_none(context: MethodContext, plain: torch.Tensor) -> Non
     method = build_method("finetune_dpo", {"steps": 0})
     method.setup(context)
     assert sum(p.numel() for p in method._module.lora_parameters()) > 0  # the adapter is there, at zero
-    torch.testing.assert_close(method.render(PROMPTS, SEEDS, SAMPLING), plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(method.render(PROMPTS, SEEDS, SAMPLING), plain, atol=1e-5, rtol=0)
     assert context.ldm.unet is not method._module.unet  # the shared backbone is not changed
 
 

@@ -97,4 +97,10 @@ class ClassifierGuidance(Method):
             sqrt_one_minus = (1 - ldm.alphas_cumprod[timesteps.long()]).sqrt().reshape(-1, 1, 1, 1)
             return noise_pred - self.scale * sqrt_one_minus.to(noise_pred) * gradient.to(noise_pred)
 
-        return self._sample([p.prompt for p in prompts], seeds, sampling, guidance=guide)
+        # Eval mode: batch norm must use (and not update) its running statistics while guiding.
+        was_training = classifier.training
+        classifier.eval()
+        try:
+            return self._sample([p.prompt for p in prompts], seeds, sampling, guidance=guide)
+        finally:
+            classifier.train(was_training)
