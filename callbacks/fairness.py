@@ -27,7 +27,6 @@ seeds 117 s and 83 s. Each run's split is in :attr:`FairnessValidation.last_timi
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,15 +42,14 @@ from PIL import Image
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from rsc.callbacks.measures import IMAGE_SUFFIXES, ValidationPrompt, attribute_metrics, check_prompt_attributes
 from rsc.callbacks.metrics import (
     AestheticScore,
-    AttributeConsistency,
     DistributionFairness,
     FaceDetection,
     LPIPSPreservation,
     PromptFidelity,
     SSIMPreservation,
-    StereotypeRate,
     find_local_lpips_backbone,
 )
 from rsc.callbacks.protocol import CorrectorModule, as_corrector
@@ -60,32 +58,6 @@ from rsc.classifiers.clip import CLIPEncoder
 from rsc.classifiers.faces import MTCNNFaces
 from rsc.images import before_after_grid
 from rsc.sampling import sample
-
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
-
-@dataclass
-class ValidationPrompt:
-    """One validation prompt and the attribute values it names.
-
-    Attributes:
-        prompt: The text prompt.
-        group: The group it names (a label of the classifier's group attribute), or ``None`` for a prompt that
-            names no group (measured by the distribution-fairness metrics).
-        gender: The gender it names (a label of the classifier's gender attribute), or ``None``.
-        name: Short name in metric keys and the grid; default: the prompt with non-word characters as ``_``.
-    """
-
-    prompt: str
-    group: str | None = None
-    gender: str | None = None
-    name: str | None = None
-
-    @property
-    def key(self) -> str:
-        """The name used in metric keys."""
-        return self.name or re.sub(r"\W+", "_", self.prompt).strip("_")
-
 
 @dataclass
 class _Shard:
@@ -193,28 +165,8 @@ class FairnessValidation(Callback):
 
     # ------------------------------------------------------------------ configuration
     def _check_config(self) -> tuple[str, ...]:
-        labels = self.classifier.labels
-        where = "FairnessValidation"
-        for attribute, field in ((self.group_attribute, "group_attribute"), (self.gender_attribute, "gender_attribute"),
-                                 (self.stereotype_attribute, "stereotype_attribute")):
-            if attribute is not None and attribute not in labels:
-                raise ValueError(f"{where}.{field}={attribute!r} is not an attribute of "
-                                 f"{type(self.classifier).__name__} (it has {sorted(labels)})")
-        if self.stereotype_attribute is not None and len(labels[self.stereotype_attribute]) != 2:
-            raise ValueError(f"{where}.stereotype_attribute={self.stereotype_attribute!r} must be binary, "
-                             f"got labels {labels[self.stereotype_attribute]}")
-        for index, prompt in enumerate(self.prompts):
-            for value, attribute, field in ((prompt.group, self.group_attribute, "group"),
-                                            (prompt.gender, self.gender_attribute, "gender")):
-                if value is None:
-                    continue
-                if attribute is None or value not in labels[attribute]:
-                    known = labels[attribute] if attribute is not None else "nothing (gender_attribute is None)"
-                    raise ValueError(f"{where}.prompts[{index}].{field}={value!r} ({prompt.prompt!r}) is not one of {known}")
-        keys = [p.key for p in self.prompts]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"{where}.prompts have duplicate names {sorted(k for k in set(keys) if keys.count(k) > 1)}")
-        return tuple(labels[self.group_attribute])
+        return check_prompt_attributes(self.classifier, self.prompts, self.group_attribute, self.gender_attribute,
+                                       self.stereotype_attribute, "FairnessValidation")
 
     def _shard(self, rank: int, world_size: int) -> _Shard:
         items = [(index, seed) for index in range(len(self.prompts)) for seed in self.seeds]
@@ -335,11 +287,8 @@ class FairnessValidation(Callback):
 
     def _make_metrics(self, device: torch.device) -> dict[str, Metric]:
         groups = self.groups
-        metrics: dict[str, Metric] = {"group_match": AttributeConsistency(groups, name="group_match")}
-        if self.gender_attribute is not None:
-            metrics["gender_consistency"] = AttributeConsistency(groups, name="gender_consistency")
-        if self.stereotype_attribute is not None:
-            metrics["stereotype_rate"] = StereotypeRate(groups, threshold=self.stereotype_threshold)
+        metrics: dict[str, Metric] = attribute_metrics(
+            groups, self.gender_attribute is not None, self.stereotype_attribute is not None, self.stereotype_threshold)
         if self.faces is not None:
             metrics["faces"] = FaceDetection(groups)
         if self.neutral:
@@ -377,9 +326,9 @@ class FairnessValidation(Callback):
         if self.fid_reference is None or self._references_added:
             return
         folder = Path(self.fid_reference)
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES) if folder.is_dir() else []
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
         if not files:
-            raise FileNotFoundError(f"FairnessValidation.fid_reference={str(folder)!r} holds no images ({sorted(_IMAGE_SUFFIXES)})")
+            raise FileNotFoundError(f"FairnessValidation.fid_reference={str(folder)!r} holds no images ({sorted(IMAGE_SUFFIXES)})")
         assert self._metrics is not None
         for start in range(rank, len(files), world_size * self.batch_size):
             batch = []

@@ -33,7 +33,9 @@ __all__ = [
     "AestheticScore",
     "AttributeConsistency",
     "DistributionFairness",
+    "Diversity",
     "FaceDetection",
+    "GroupKID",
     "GroupMean",
     "LPIPSPreservation",
     "PromptFidelity",
@@ -294,6 +296,139 @@ class FaceDetection(Metric):
             **_summaries("face_detection_rate", self.groups, self.detected, self.images),
             **_summaries("face_confidence", self.groups, self.confidence_sums, self.faces),
         }
+
+
+class Diversity(Metric):
+    """Per prompt, how different its images are: the root mean square pairwise distance of their features.
+
+    With ``n`` images of features ``x_i``, sum_{i<j} ||x_i - x_j||^2 = n sum_i ||x_i||^2 - ||sum_i x_i||^2,
+    so the value follows from summed states (DDP-exact) without keeping the features. Keys:
+    ``diversity/<prompt>`` (NaN below two images) and ``diversity/mean`` over the prompts that have a value.
+    Compare methods by the ratio to the uncorrected model's value on the same prompts and seeds.
+
+    Args:
+        prompts: Names of the prompts (index = prompt id).
+        feature_dim: Length of a feature vector (e.g. the attribute classifier's penultimate features).
+        name: Key prefix.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+    feature_sums: Tensor
+    squared_norms: Tensor
+    counts: Tensor
+
+    def __init__(self, prompts: Sequence[str], feature_dim: int, name: str = "diversity", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.prompts, self.name = tuple(prompts), name
+        if not self.prompts or len(set(self.prompts)) != len(self.prompts) or "mean" in self.prompts:
+            raise ValueError(f"prompts must be distinct names other than 'mean', got {self.prompts}")
+        self.add_state("feature_sums", torch.zeros(len(self.prompts), feature_dim, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("squared_norms", torch.zeros(len(self.prompts), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("counts", torch.zeros(len(self.prompts), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, features: Tensor, prompt_ids: Tensor) -> None:  # type: ignore[override]
+        """Add (N, D) features of images of the prompts ``prompt_ids`` (N,)."""
+        features = torch.as_tensor(features).detach().to(self.feature_sums.device, torch.float64)
+        prompt_ids = torch.as_tensor(prompt_ids, device=features.device).long()
+        if features.ndim != 2 or features.shape[1] != self.feature_sums.shape[1] or prompt_ids.shape != features.shape[:1]:
+            raise ValueError(f"expected features (N, {self.feature_sums.shape[1]}) and prompt_ids (N,), "
+                             f"got {tuple(features.shape)} and {tuple(prompt_ids.shape)}")
+        if bool(((prompt_ids < 0) | (prompt_ids >= len(self.prompts))).any()):
+            raise ValueError(f"prompt_ids must be in [0, {len(self.prompts) - 1}], got {prompt_ids.tolist()}")
+        self.feature_sums.index_add_(0, prompt_ids, features)
+        self.squared_norms.index_add_(0, prompt_ids, (features**2).sum(-1))
+        self.counts.index_add_(0, prompt_ids, torch.ones_like(prompt_ids))
+
+    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
+        """Per prompt RMS pairwise distance, and their mean."""
+        n = self.counts.double()
+        pair_sums = n * self.squared_norms - (self.feature_sums**2).sum(-1)
+        pairs = n * (n - 1) / 2
+        values = (pair_sums.clamp(min=0) / pairs.clamp(min=1)).sqrt()
+        values = torch.where(self.counts >= 2, values, torch.full_like(values, float("nan")))
+        out = {f"{self.name}/{prompt}": values[index] for index, prompt in enumerate(self.prompts)}
+        present = self.counts >= 2
+        out[f"{self.name}/mean"] = values[present].mean() if bool(present.any()) else torch.tensor(float("nan"))
+        return out
+
+
+class GroupKID(Metric):
+    """Per group (or any named slot), the kernel inception distance of its images' features to its references.
+
+    torchmetrics' KID (``poly_mmd``) on subsets of at most ``subset_size`` images, ``subsets`` times, with a
+    generator seeded by ``seed``; the features are "cat" states and are sorted by the images' ``order``
+    (e.g. their (prompt, seed) index) before subsets are drawn, so the value under DDP equals the
+    single-process one. Keys ``<name>/<group>`` (NaN without images or references), ``all`` (the mean of
+    the groups' values) and ``gap``. A reference set is added once per slot with :meth:`add_references`.
+
+    Args:
+        groups: Slot names.
+        subset_size: Largest KID subset.
+        subsets: Number of subsets.
+        seed: Seed of the subset draws.
+        name: Key prefix.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = False
+
+    def __init__(self, groups: Sequence[str], subset_size: int = 50, subsets: int = 100, seed: int = 0,
+                 name: str = "kid", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.groups, self.name = _check_groups(groups), name
+        self.subset_size, self.subsets, self.seed = subset_size, subsets, seed
+        for state in ("features", "slots", "order", "reference_features", "reference_slots"):
+            self.add_state(state, [], dist_reduce_fx="cat")
+
+    def add_references(self, features: Tensor, slot: int) -> None:
+        """Reference features (M, D) of one slot (add them on one rank only, or split them across ranks)."""
+        features = torch.as_tensor(features).detach().double()
+        self.reference_features.append(features)  # type: ignore[attr-defined]
+        self.reference_slots.append(torch.full((len(features),), slot, dtype=torch.long, device=features.device))  # type: ignore[attr-defined]
+
+    def update(self, features: Tensor, group_ids: Tensor, order: Tensor) -> None:  # type: ignore[override]
+        """Add (N, D) features of images of the groups ``group_ids`` (N,; -1 = none), ``order`` (N,) their global index."""
+        slots = torch.as_tensor(group_ids).long()
+        keep = slots >= 0
+        self.features.append(torch.as_tensor(features).detach().double()[keep])  # type: ignore[attr-defined]
+        self.slots.append(slots[keep].to(features.device))  # type: ignore[attr-defined]
+        self.order.append(torch.as_tensor(order).long()[keep].to(features.device))  # type: ignore[attr-defined]
+
+    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
+        """Per-slot KID, their mean and the gap."""
+        from torchmetrics.image.kid import poly_mmd
+        from torchmetrics.utilities import dim_zero_cat
+
+        def cat(state: Any) -> Tensor:
+            return dim_zero_cat(state) if (isinstance(state, Tensor) or state) else torch.zeros(0)
+
+        features, slots, order = cat(self.features), cat(self.slots), cat(self.order)
+        references, reference_slots = cat(self.reference_features), cat(self.reference_slots)
+        if len(order):
+            ranking = order.argsort()
+            features, slots = features[ranking], slots[ranking]
+        generator = torch.Generator().manual_seed(self.seed)
+        values = torch.full((len(self.groups),), float("nan"), dtype=torch.float64)
+        for index in range(len(self.groups)):
+            fake, real = features[slots == index], references[reference_slots == index]
+            size = min(self.subset_size, len(fake), len(real))
+            if size < 2:
+                continue
+            scores = [
+                poly_mmd(real[torch.randperm(len(real), generator=generator)[:size]],
+                         fake[torch.randperm(len(fake), generator=generator)[:size]])
+                for _ in range(self.subsets)
+            ]
+            values[index] = torch.stack(scores).mean()
+        present = values[~values.isnan()]
+        out = {f"{self.name}/{group}": values[index] for index, group in enumerate(self.groups)}
+        nan = torch.tensor(float("nan"), dtype=torch.float64)
+        out[f"{self.name}/all"] = present.mean() if len(present) else nan
+        out[f"{self.name}/gap"] = present.max() - present.min() if len(present) else nan
+        return out
 
 
 class DistributionFairness(Metric):

@@ -32,6 +32,16 @@ class CorrectionFn(Protocol):
     def __call__(self, latents: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor: ...
 
 
+class GuidanceFn(Protocol):
+    """A change of the guided noise prediction ``eps -> eps'`` at one step (e.g. classifier guidance).
+
+    Called after classifier-free guidance with the (B, C, h, w) prediction, the UNet's input latents
+    (``scale_model_input`` applied, the DDPM form), the timestep (0-d) and the prompts' embeddings (B, L, D).
+    """
+
+    def __call__(self, noise_pred: Tensor, latents: Tensor, timestep: Tensor, cond: Tensor) -> Tensor: ...
+
+
 @dataclass
 class SampleOutput:
     """Sampled images in [0, 1] as (N, 3, H, W) float32 on the CPU, and the final latents."""
@@ -165,6 +175,7 @@ def sample(
     height: int | None = None,
     width: int | None = None,
     progress: bool = True,
+    guidance: GuidanceFn | None = None,
 ) -> SampleOutput:
     """Sample one image per (prompt, seed) pair, optionally correcting the latent code.
 
@@ -190,6 +201,8 @@ def sample(
         eta: DDIM eta (ignored by schedulers without it).
         height: Image height (default: the model's native size); width likewise.
         progress: Show a progress bar.
+        guidance: Called as ``eps <- guidance(eps, z_t, t, cond)`` after classifier-free guidance at every step
+            (it may enable gradients itself: the loop runs under ``no_grad``).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -238,6 +251,8 @@ def sample(
             if do_cfg:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+            if guidance is not None:
+                noise_pred = guidance(noise_pred, model_input.chunk(2)[1] if do_cfg else model_input, t, embeddings.cond)
             latents = run_scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
             bar.update(1)
 
