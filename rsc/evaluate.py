@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from rsc import __version__
 from rsc.atomic import atomic_path, write_json_atomic
+from rsc.cli import run_cli
 from rsc.callbacks.measures import FolderReferences, Judges, ToyRenderReferences, ValidationPrompt, add_ratio, measure
 from rsc.classifiers.base import AestheticPredictor, AttributeClassifier
 from rsc.methods import Method, MethodContext, SamplingSettings, build_method
@@ -108,15 +109,15 @@ class ImageCache:
 
 def _check_inputs(prompts: list[ValidationPrompt], seeds: list[int], methods: list[MethodSpec]) -> None:
     if not prompts:
-        raise ValueError("rsc.evaluate: prompts is empty; list at least one {prompt, group, gender} in the config")
+        raise ValueError("prompts is empty; list at least one {prompt, group, gender} in the config")
     if not seeds:
-        raise ValueError("rsc.evaluate: seeds is empty; give a count (e.g. 64) or a list of seeds")
+        raise ValueError("seeds is empty; give a count (e.g. 64) or a list of seeds")
     if not methods:
-        raise ValueError("rsc.evaluate: methods is empty; name at least one method (e.g. {name: rsc})")
+        raise ValueError("methods is empty; name at least one method (e.g. {name: rsc})")
     keys = [m.key for m in methods]
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     if duplicates:
-        raise ValueError(f"rsc.evaluate: methods have duplicate labels {duplicates}; give each a distinct label")
+        raise ValueError(f"methods have duplicate labels {duplicates}; give each a distinct label")
 
 
 def _unet_counter(unets: list[torch.nn.Module]) -> tuple[list[int], list[Any]]:
@@ -266,7 +267,7 @@ def evaluate(
         options = dict(spec.options)
         if spec.name == "rsc" and refiner is not None:
             options["refiner"] = refiner
-        built[spec.key] = build_method(spec.name, options, where=f"rsc.evaluate: methods[{index}] ({spec.key})")
+        built[spec.key] = build_method(spec.name, options, where=f"methods[{index}] ({spec.key})")
     if BASELINE not in [m.name for m in methods]:  # every comparison is relative to plain sampling
         built = {BASELINE: build_method(BASELINE), **built}
     baseline_key = next(key for key, method in built.items() if method.name == BASELINE)
@@ -277,14 +278,14 @@ def evaluate(
     elif Path(references).is_dir():
         reference_source = FolderReferences(references)
     else:
-        raise FileNotFoundError(f"rsc.evaluate: references={references!r} is neither 'toy' nor a folder")
+        raise FileNotFoundError(f"references={references!r} is neither 'toy' nor a folder")
     judges = Judges(classifier=classifier, quality=quality, references=reference_source, group_attribute=group_attribute,
                     gender_attribute=gender_attribute, stereotype_attribute=stereotype_attribute)
     groups = judges.groups(prompts, "rsc.evaluate")  # fails before any model loads
     targeted = list(targeted_groups or [])
     unknown = sorted(set(targeted) - set(groups))
     if unknown:
-        raise ValueError(f"rsc.evaluate: targeted_groups {unknown} are not groups of the classifier ({list(groups)})")
+        raise ValueError(f"targeted_groups {unknown} are not groups of the classifier ({list(groups)})")
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ldm = FrozenLDM.from_pretrained(backbone, device=device)
@@ -391,7 +392,11 @@ def build_parser() -> Any:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse the configuration and evaluate."""
+    """Parse the configuration and evaluate; a user's mistake ends with one line and exit status 2 (:mod:`rsc.cli`)."""
+    return run_cli(_main, argv, "rsc.evaluate")
+
+
+def _main(argv: list[str] | None) -> dict[str, Any]:
     parser = build_parser()
     config = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from rsc.cli import UserInputError, run_cli
+from rsc.evaluate import main as evaluate_main
 from rsc.export import main as export_main
 from rsc.generate import main as generate_main
 from rsc.toy.__main__ import main as toy_main
@@ -52,6 +53,10 @@ def test_generate_export_and_toy_errors_are_one_line(tmp_path: Path, capsys: pyt
         toy_main(["info", "--world", str(tmp_path / "no-world")])
     assert exit_info.value.code == 2
     _one_line_error(capsys, "rsc.toy", "no-world is not a built toy world")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(["--config", str(REPO / "configs" / "eval" / "toy.yaml"), "--prompts", "[]", "--out", str(tmp_path / "eval")])
+    assert exit_info.value.code == 2
+    _one_line_error(capsys, "rsc.evaluate", "prompts is empty")
 
 
 def test_run_cli_user_errors_and_unexpected_ones(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
