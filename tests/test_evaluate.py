@@ -154,13 +154,17 @@ def test_killed_evaluation_resumes_without_rerendering(micro_world, refiner_dir:
         ({"stereotype_attribute": "caricature"}, ValueError, "stereotype_attribute='caricature' is not an attribute"),
     ],
 )
-def test_clear_errors(micro_world, refiner_dir: Path, tmp_path: Path, changes, error, match) -> None:  # noqa: ANN001
+def test_clear_errors(micro_world, refiner_dir: Path, tmp_path: Path, changes, error, match,  # noqa: ANN001
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RSC_TRACEBACK", "1")  # the original exception, not the CLI's one-line exit (tests/test_cli_errors.py)
     config = _config(micro_world, refiner_dir, tmp_path / "eval.yaml", **changes)
     with pytest.raises(error, match=match):
         evaluate_main(["--config", str(config), "--out", str(tmp_path / "out")])
 
 
-def test_a_refiner_for_another_backbone_is_refused(micro_world, tiny_sd_dir: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_a_refiner_for_another_backbone_is_refused(micro_world, tiny_sd_dir: Path, tmp_path: Path,  # noqa: ANN001
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RSC_TRACEBACK", "1")
     folder = tmp_path / "tiny_refiner"
     _refiner(FrozenLDM.from_pretrained(tiny_sd_dir), folder)
     config = _config(micro_world, folder, tmp_path / "eval.yaml", methods=[{"name": "rsc"}])

@@ -46,8 +46,9 @@ class _RandomPairs(L.LightningDataModule):
                 "anti_stereotypical_latents": torch.randn(shape, generator=generator),
                 "stereotypical_latents": torch.randn(shape, generator=generator),
                 "prompt_embeds": torch.randn(77, self.hparams.text_width, generator=generator),
+                "index": torch.tensor(index),  # the training noise is drawn per dataset row
             }
-            for _ in range(4)
+            for index in range(4)
         ]
         return DataLoader(rows, batch_size=2)
 
