@@ -56,7 +56,8 @@ def relocate_toy_fit_config(
     if isinstance(trainer.get("logger"), dict):
         trainer["logger"].setdefault("init_args", {})["save_dir"] = str(run_dir)
     for callback in trainer.get("callbacks", []):
-        if callback["class_path"].endswith("ModelCheckpoint"):
+        # Lightning's ModelCheckpoint and rsc's ResumableCheckpoint alike.
+        if callback["class_path"].endswith("Checkpoint"):
             callback.setdefault("init_args", {})["dirpath"] = str(run_dir / "checkpoints")
     data = config.setdefault("data", {})
     data["progress"] = progress
