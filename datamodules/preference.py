@@ -74,6 +74,7 @@ from torch.utils.data import DataLoader
 
 from rsc.backbone import FrozenLDM
 from rsc.cache import cache_root
+from rsc.config import MAX_SEED, check_number
 from rsc.datamodules.cache import (
     CachedPreferenceDataset,
     SplitCachePlan,
@@ -136,11 +137,10 @@ class PreferenceDataModule(L.LightningDataModule):
             seed: Seed of the training order (a function of seed and epoch, so resumed runs see the same batches).
         """
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("encode_batch_size", encode_batch_size)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        check_number("batch_size", batch_size, minimum=1, integer=True)
+        check_number("encode_batch_size", encode_batch_size, minimum=1, integer=True)
+        check_number("num_workers", num_workers, minimum=0, integer=True)
+        check_number("seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
         if train_split == val_split:
             raise ValueError(f"train_split and val_split must differ, both are {train_split!r}")
         self.save_hyperparameters()

@@ -58,8 +58,13 @@ def decode_image(ref: ImageRef | None) -> Image.Image:
     """Decode an image fully and convert it to RGB; raise ``ImageProblem`` with a reason otherwise."""
     if ref is None or (ref.data is None and not ref.path):
         raise ImageProblem("missing image path", "the cell is empty; expected an image (or a path to one)")
-    if ref.data is None and not Path(ref.path).is_file():  # type: ignore[arg-type]
-        raise ImageProblem("missing image file", f"{ref.path} does not exist")
+    if ref.data is None:
+        try:
+            is_file = Path(ref.path).is_file()  # type: ignore[arg-type]
+        except OSError as error:  # e.g. a name too long for the file system: no such file can exist
+            raise ImageProblem("missing image file", f"{ref.path!r} cannot be a file ({error.strerror})") from error
+        if not is_file:
+            raise ImageProblem("missing image file", f"{ref.path} does not exist")
     try:
         source = io.BytesIO(ref.data) if ref.data is not None else ref.path
         with Image.open(source) as image:  # type: ignore[arg-type]
@@ -227,7 +232,7 @@ class FolderPreferenceSplit(PreferenceSplit):
                 path = self._path(record.get(column))
                 try:
                     stat = os.stat(path) if path else None
-                except OSError:
+                except (OSError, ValueError):  # missing, a name too long, a NUL byte: validation reports the row
                     stat = None
                 files.append([record.get(column), stat.st_size if stat else None, stat.st_mtime_ns if stat else None])
         digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()

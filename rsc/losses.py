@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rsc.config import check_number
+
 
 def per_sample_error(target: Tensor, prediction: Tensor) -> Tensor:
     """Mean squared error per sample over all non-batch dimensions: (B, ...) -> (B,)."""
@@ -70,13 +72,11 @@ class PreferenceLoss(torch.nn.Module):
         lambda_keep: float = 0.0,
     ) -> None:
         super().__init__()
-        if beta <= 0:
-            raise ValueError(f"beta must be positive, got {beta}")
+        check_number("beta", beta, positive=True)
         for name, value in (
             ("lambda_reg", lambda_reg), ("lambda_sft", lambda_sft), ("lambda_no_harm", lambda_no_harm), ("lambda_keep", lambda_keep)
         ):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+            check_number(name, value, minimum=0)
         self.beta, self.lambda_reg, self.lambda_sft = beta, lambda_reg, lambda_sft
         self.lambda_no_harm, self.lambda_keep = lambda_no_harm, lambda_keep
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from rsc.backbone import DTYPES, FrozenLDM
+from rsc.config import MAX_SEED, check_number
 from rsc.losses import PreferenceLoss, PreferenceLossOutput, per_sample_error
 from rsc.numerics import NumericsGuard, non_finite_tensors
 from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection
@@ -76,6 +77,13 @@ class RSCorrector(L.LightningModule):
         super().__init__()
         if backbone_dtype not in DTYPES:
             raise ValueError(f"backbone_dtype must be one of {sorted(DTYPES)}, got {backbone_dtype!r}")
+        # Checked before the backbone loads, so a typo in a config costs no loading time.
+        check_number("strength", strength)
+        check_number("learning_rate", learning_rate, positive=True)
+        check_number("weight_decay", weight_decay, minimum=0)
+        check_number("warmup_steps", warmup_steps, minimum=0, integer=True)
+        check_number("seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
+        PreferenceLoss(beta, lambda_reg, lambda_sft, lambda_no_harm, lambda_keep)  # checks the loss weights
         self.save_hyperparameters()
         self.ldm = FrozenLDM.from_pretrained(backbone, config=backbone_config, dtype=DTYPES[backbone_dtype])
         if gradient_checkpointing:
@@ -97,7 +105,7 @@ class RSCorrector(L.LightningModule):
             beta=beta, lambda_reg=lambda_reg, lambda_sft=lambda_sft, lambda_no_harm=lambda_no_harm, lambda_keep=lambda_keep
         )
         self.timestep_range = window_timestep_range(
-            tuple(correction_window), self.ldm.noise_scheduler.config.num_train_timesteps
+            correction_window, self.ldm.noise_scheduler.config.num_train_timesteps
         )
         # The backbone is rebuilt from hparams; checkpoints hold the refiner only.
         self.strict_loading = False
@@ -164,7 +172,8 @@ class RSCorrector(L.LightningModule):
         low, high = self.timestep_range
         timesteps, noise = [], []
         for index in indices.tolist():
-            generator = torch.Generator().manual_seed((self.hparams.seed * 1_000_003 + epoch) * 10_000_019 + int(index))
+            seed = (self.hparams.seed * 1_000_003 + epoch) * 10_000_019 + int(index)
+            generator = torch.Generator().manual_seed(seed % 2**64)  # large seeds wrap instead of overflowing
             timesteps.append(torch.randint(low, high, (1,), generator=generator))
             noise.append(torch.randn(latent_shape, generator=generator))
         return torch.cat(timesteps), torch.stack(noise)
@@ -204,7 +213,7 @@ class RSCorrector(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """The same loss with noise and timesteps fixed by the row indices (identical every epoch)."""
-        generator = torch.Generator().manual_seed(self.hparams.seed * 7_919 + int(batch["index"][0]) + 1)
+        generator = torch.Generator().manual_seed((self.hparams.seed * 7_919 + int(batch["index"][0]) + 1) % 2**64)
         output, delta = self.pair_step(batch, generator)
         self._log_output("val", output, delta, batch["prompt_embeds"].shape[0])
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,10 @@ from rsc.config import IntegerConfig
 
 WEIGHTS_NAME = "refiner.safetensors"
 CONFIG_NAME = "config.json"
+
+
+#: The largest size any field of a :class:`RefinerConfig` may have (SD's own UNet is at most 1280 channels wide).
+MAX_REFINER_WIDTH = 2**16
 
 
 @dataclass
@@ -60,6 +64,12 @@ class RefinerConfig(IntegerConfig):
 
     def __post_init__(self) -> None:
         self.check_positive_integers()
+        for item in fields(self):
+            # A typo such as 1e9 fails here, named, instead of as an allocation error deep in torch.
+            if getattr(self, item.name) > MAX_REFINER_WIDTH:
+                raise ValueError(
+                    f"RefinerConfig.{item.name} must be <= {MAX_REFINER_WIDTH}, got {getattr(self, item.name)!r}"
+                )
         if self.hidden_channels % self.norm_groups:
             raise ValueError(
                 f"RefinerConfig.hidden_channels ({self.hidden_channels}) must be divisible by norm_groups ({self.norm_groups})"

@@ -116,7 +116,7 @@ def test_no_harm_term_counts_only_winners_made_worse() -> None:
         PreferenceLoss(beta=2.0, lambda_reg=0.0, lambda_no_harm=weight)(improved, reference_w, errors_l, errors_l, delta).loss.backward()
         gradients.append(improved.grad)
     torch.testing.assert_close(gradients[0], gradients[1])
-    with pytest.raises(ValueError, match="lambda_no_harm must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="lambda_no_harm must be a finite number >= 0, got -1.0"):
         PreferenceLoss(lambda_no_harm=-1.0)
 
 
