@@ -128,6 +128,28 @@ def test_every_n_validation_epochs_and_config_errors(world) -> None:  # noqa: AN
         _toy_callback(world, gender_attribute="sex")
 
 
+def test_cadence_continues_across_a_resume(world, tmp_path: Path) -> None:  # noqa: ANN001
+    """The validation-run counter is in the checkpoint: a run resumed after 2 of its validations measures at the
+    3rd (every_n_val_epochs=3), as an uninterrupted one does, not at the 5th."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from rsc.callbacks.checkpoint import ResumableCheckpoint
+
+    def fit(max_epochs: int, ckpt_path: str | None) -> list[int]:
+        callback = _toy_callback(world, every_n_val_epochs=3)
+        measured: list[int] = []
+        callback.run = lambda trainer, module: measured.append(trainer.current_epoch) or {}  # type: ignore[method-assign]
+        trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, limit_train_batches=2, limit_val_batches=1,
+                            num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False,
+                            callbacks=[callback, ResumableCheckpoint(dirpath=str(tmp_path / "checkpoints"))])
+        trainer.fit(BoringModel(), ckpt_path=ckpt_path)
+        return measured
+
+    assert fit(2, None) == []  # validations 1 and 2
+    assert fit(4, str(tmp_path / "checkpoints" / "last.ckpt")) == [2]  # validation 3 is epoch 2's
+
+
 def test_shards_cover_every_item_once(world) -> None:  # noqa: ANN001
     callback = _toy_callback(world, prompts=[ValidationPrompt("a photo of a woman", gender="woman", name="woman"),
                                              *(ValidationPrompt(p, group=g, gender=s) for p, g, s in toy_prompts()[:2])],
