@@ -353,9 +353,7 @@ def measure(
 def _kid(judges: Judges, prompts: Sequence[ValidationPrompt], names: Sequence[str], level: str, subsets: int) -> GroupKID:
     """A KID metric with every slot's references: a group's (both genders) or a prompt's group and gender."""
     assert judges.references is not None and judges.features is not None
-    metric = GroupKID(names, subsets=subsets)
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return metric  # references are a "cat" state: one rank adds them
+    metric = GroupKID(names, subsets=subsets)  # every rank adds the same references (they are not reduced)
     by_key = {p.key: p for p in prompts}
     device = module_device(judges.features)
     for index, name in enumerate(names):

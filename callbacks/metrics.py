@@ -361,7 +361,8 @@ class GroupKID(Metric):
     generator seeded by ``seed``; the features are "cat" states and are sorted by the images' ``order``
     (e.g. their (prompt, seed) index) before subsets are drawn, so the value under DDP equals the
     single-process one. Keys ``<name>/<group>`` (NaN without images or references), ``all`` (the mean of
-    the groups' values) and ``gap``. A reference set is added once per slot with :meth:`add_references`.
+    the groups' values) and ``gap``. A reference set is added once per slot with :meth:`add_references`
+    (on every rank: references are not reduced).
 
     Args:
         groups: Slot names.
@@ -380,14 +381,23 @@ class GroupKID(Metric):
         super().__init__(**kwargs)
         self.groups, self.name = _check_groups(groups), name
         self.subset_size, self.subsets, self.seed = subset_size, subsets, seed
-        for state in ("features", "slots", "order", "reference_features", "reference_slots"):
+        for state in ("features", "slots", "order"):
             self.add_state(state, [], dist_reduce_fx="cat")
+        # Not states: every rank adds the same references. (A list state that is empty on some ranks
+        # makes torchmetrics skip its gather there, and the ranks' collectives no longer match.)
+        self.reference_features: list[Tensor] = []
+        self.reference_slots: list[Tensor] = []
 
     def add_references(self, features: Tensor, slot: int) -> None:
-        """Reference features (M, D) of one slot (add them on one rank only, or split them across ranks)."""
+        """Reference features (M, D) of one slot; under DDP every rank adds the same ones (they are not reduced)."""
         features = torch.as_tensor(features).detach().double()
-        self.reference_features.append(features)  # type: ignore[attr-defined]
-        self.reference_slots.append(torch.full((len(features),), slot, dtype=torch.long, device=features.device))  # type: ignore[attr-defined]
+        self.reference_features.append(features)
+        self.reference_slots.append(torch.full((len(features),), slot, dtype=torch.long, device=features.device))
+
+    def reset(self) -> None:
+        """Forget the images and the references."""
+        super().reset()
+        self.reference_features, self.reference_slots = [], []
 
     def update(self, features: Tensor, group_ids: Tensor, order: Tensor) -> None:  # type: ignore[override]
         """Add (N, D) features of images of the groups ``group_ids`` (N,; -1 = none), ``order`` (N,) their global index."""
@@ -406,7 +416,8 @@ class GroupKID(Metric):
             return dim_zero_cat(state) if (isinstance(state, Tensor) or state) else torch.zeros(0)
 
         features, slots, order = cat(self.features), cat(self.slots), cat(self.order)
-        references, reference_slots = cat(self.reference_features), cat(self.reference_slots)
+        references = cat(self.reference_features).to(features.device)
+        reference_slots = cat(self.reference_slots).to(features.device)
         if len(order):
             ranking = order.argsort()
             features, slots = features[ranking], slots[ranking]

@@ -38,7 +38,7 @@ class DiffusionDPO(L.LightningModule):
         alpha: LoRA alpha.
         beta: Inverse temperature of the preference.
         learning_rate: AdamW learning rate.
-        seed: Seed of the per-step timesteps and noise.
+        seed: Seed of the adapter's initial weights and of the per-step timesteps and noise.
     """
 
     def __init__(self, ldm: FrozenLDM, rank: int = 4, alpha: float = 4.0, beta: float = 2500.0,
@@ -49,8 +49,11 @@ class DiffusionDPO(L.LightningModule):
         self.save_hyperparameters(ignore=["ldm"])
         self.ldm = ldm
         self.unet = copy.deepcopy(ldm.unet)
-        # init_lora_weights=True: B = 0, so the untrained adapter leaves the UNet's output unchanged.
-        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=LORA_TARGETS))
+        # init_lora_weights=True: B = 0, so the untrained adapter leaves the UNet's output unchanged. A is random:
+        # drawn from `seed`, so that an adapter cached by its configuration is one the configuration reproduces.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=LORA_TARGETS))
         self.loss_fn = PreferenceLoss(beta=beta, lambda_reg=0.0)
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:

@@ -11,9 +11,11 @@ methods' cost is timed interleaved on a few images, and ``--out`` receives:
   (method options and weights, sampling settings, backbone, prompt, seed). A killed run re-renders
   nothing finished; a changed setting re-renders only the images it changes.
 
-Under ``torchrun`` (``torch.distributed`` initialised) the (prompt, seed) items are split by
-striding across ranks like ``FairnessValidation``; the metrics' states are reduced by torchmetrics,
-and rank 0 times the methods and writes the report.
+Under ``torchrun --nproc_per_node N -m rsc.evaluate ...`` (or with ``torch.distributed`` initialised by
+the caller) the (prompt, seed) items are split by striding across ranks like ``FairnessValidation``. The
+methods are set up before the processes join the group (a file lock lets one of them train an adapter
+while the others wait and load it), the metrics' states are reduced by torchmetrics, and rank 0 times
+the methods and writes the report (its grids read every rank's PNGs).
 """
 
 from __future__ import annotations
@@ -251,7 +253,7 @@ def evaluate(
         group_attribute: The classifier attribute that prompts' ``group`` names.
         gender_attribute: The attribute that prompts' ``gender`` names (``None``: skip).
         stereotype_attribute: A binary attribute whose column 1 is "stereotype present" (``None``: skip).
-        device: Default: cuda if available, else cpu.
+        device: Default: this process's GPU if there is one (under torchrun: LOCAL_RANK's), else cpu.
         progress: Progress bars.
     """
     from rsc.backbone import FrozenLDM
@@ -287,19 +289,22 @@ def evaluate(
     if unknown:
         raise ValueError(f"targeted_groups {unknown} are not groups of the classifier ({list(groups)})")
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or _default_device()
     ldm = FrozenLDM.from_pretrained(backbone, device=device)
     for module in (classifier, quality, judges.features):
         if module is not None:
             module.to(device).eval()  # judges are frozen: batch norm uses its running statistics
     context = MethodContext(ldm=ldm, classifier=classifier)
+    # Before joining torchrun's process group: a method that trains (finetune_dpo) trains once, under a file
+    # lock the other processes wait on, with Lightning in this process alone.
     for method in built.values():
         method.setup(context)
+    created = init_distributed_from_env()
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     sampling = SamplingSettings(steps=steps, guidance_scale=guidance_scale, scheduler=scheduler)
     backbone_label = BackboneConfigs.from_components(ldm.unet, ldm.text_encoder, ldm.scheduler).label
 
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     items = [Item(i, p, s) for i, (p, s) in enumerate((p, s) for p in range(len(prompts)) for s in seeds)]
     mine = items[rank::world]
     prompt_ids = torch.tensor([item.prompt_id for item in mine], dtype=torch.long)
@@ -308,10 +313,11 @@ def evaluate(
     out_dir = Path(out)
     images: dict[str, Tensor] = {}
     rendered: dict[str, int] = {}
+    caches: dict[str, ImageCache] = {}
     for key, method in built.items():
         identity = {**method.identity(), "sampling": sampling.to_dict(), "backbone": backbone_label,
                     "size": ldm.image_size}
-        cache = ImageCache(out_dir / "cache", key, identity)
+        cache = caches[key] = ImageCache(out_dir / "cache", key, identity)
         paths = [cache.path(prompts[item.prompt_id], item.seed) for item in mine]
         pending = [index for index, path in enumerate(paths) if not path.is_file()]
         bar = tqdm(total=len(paths), initial=len(paths) - len(pending), desc=key, unit="image",
@@ -323,7 +329,7 @@ def evaluate(
                 _save_png(image, paths[index])
             bar.update(len(batch))
         bar.close()
-        rendered[key] = len(pending)
+        rendered[key] = _sum_over_ranks(len(pending), ldm.device) if distributed else len(pending)
         # Always measured from the PNGs: a resumed run measures exactly what an uninterrupted one does.
         images[key] = torch.stack([_load_png(path) for path in paths]) if paths else torch.zeros(0, 3, ldm.image_size, ldm.image_size)
 
@@ -364,10 +370,44 @@ def evaluate(
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "results.json", _finite(results))
-        grid_items = [i for i, item in enumerate(mine) if item.seed in seeds[:grid_seeds]]
-        write_report(results, {key: value[grid_items] for key, value in images.items()},
-                     [prompts[mine[i].prompt_id].key for i in grid_items], out_dir)
+        # From the PNG cache, so that under DDP the grids hold every rank's images.
+        grid_items = [item for item in items if item.seed in seeds[:grid_seeds]]
+        grids = {key: torch.stack([_load_png(caches[key].path(prompts[item.prompt_id], item.seed)) for item in grid_items])
+                 for key in built}
+        write_report(results, grids, [prompts[item.prompt_id].key for item in grid_items], out_dir)
+    if distributed:
+        torch.distributed.barrier()  # the other ranks return once the report exists
+    if created:
+        torch.distributed.destroy_process_group()
     return results
+
+
+def _sum_over_ranks(value: int, device: torch.device) -> int:
+    total = torch.tensor([value], dtype=torch.long, device=device)  # NCCL reduces CUDA tensors only
+    torch.distributed.all_reduce(total)
+    return int(total.item())
+
+
+def _default_device() -> str:
+    """This process's GPU (``LOCAL_RANK`` under torchrun), else the CPU."""
+    import os
+
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+
+
+def init_distributed_from_env() -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1, not joined yet), NCCL on GPUs, gloo on CPUs.
+
+    Returns whether this call created the group (the caller then destroys it).
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or torch.distributed.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" then means this rank's GPU
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
 
 
 def _finite(value: Any) -> Any:

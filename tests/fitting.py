@@ -92,10 +92,11 @@ def fit_config(
 
 
 def run_cli(
-    command: str, arguments: list[str], kill_at: str | None = None, step_log: Path | None = None, timeout: int = 600
+    command: str, arguments: list[str], kill_at: str | None = None, step_log: Path | None = None, timeout: int = 600,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``rsc.<command>`` in a fresh process (through tests/kill_driver.py), optionally SIGKILLed at ``kill_at``."""
-    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     environment.pop("RSC_KILL_AT", None)
     environment.pop("RSC_STEP_LOG", None)
     if kill_at:

@@ -6,7 +6,7 @@ Environment:
     RSC_KILL_AT    where to die (unset: run to the end):
                    ``step:N``             at the start of the training step with global_step N
                    ``epoch:E``            at the start of training epoch E (after epoch E-1's checkpoint)
-                   ``checkpoint_write:N`` half-way through writing the N-th checkpoint file (1-based)
+                   ``checkpoint_write:N`` half-way through writing the N-th checkpoint file (1-based) to disk
                    ``cache_write``        half-way through writing a latent-cache file
                    ``export_swap``        after an export's staging folder is written, before it is swapped in
                    ``generate:N``         after N images of ``rsc.generate`` are finished
@@ -70,19 +70,31 @@ def install(kill_at: str, step_log: str | None) -> None:
 
         RSCorrector.on_train_epoch_start = on_train_epoch_start  # type: ignore[method-assign]
     if point == "checkpoint_write":
-        original_save = torch.save
-        calls = {"checkpoints": 0}
+        import shutil
+
+        original_save, original_move = torch.save, shutil.move
+        calls = {"checkpoints": 0, "armed": False}
 
         def save(obj: Any, target: Any, *args: Any, **kwargs: Any) -> None:
             if isinstance(obj, dict) and "state_dict" in obj and "global_step" in obj:
                 calls["checkpoints"] += 1
                 if calls["checkpoints"] == int(value):
-                    buffer = io.BytesIO()
-                    original_save(obj, buffer, *args, **kwargs)
-                    _write_half_and_die(buffer.getvalue(), target)
+                    if not isinstance(target, (str, os.PathLike)):
+                        # Serialised to memory first (Lightning's writer): die while those bytes reach the disk.
+                        calls["armed"] = True
+                    else:
+                        buffer = io.BytesIO()
+                        original_save(obj, buffer, *args, **kwargs)
+                        _write_half_and_die(buffer.getvalue(), target)
             original_save(obj, target, *args, **kwargs)
 
+        def move(source: Any, destination: Any, *args: Any, **kwargs: Any) -> Any:
+            if calls["armed"] and str(destination).endswith(".ckpt"):
+                _write_half_and_die(Path(source).read_bytes(), destination)  # a cross-device move is a copy
+            return original_move(source, destination, *args, **kwargs)
+
         torch.save = save  # type: ignore[assignment]
+        shutil.move = move  # type: ignore[assignment]
     if point == "cache_write":
         import rsc.datamodules.cache as cache
 

@@ -146,6 +146,50 @@ def test_killed_evaluation_resumes_without_rerendering(micro_world, refiner_dir:
     assert (out / "report.html").is_file()
 
 
+def test_two_processes_measure_what_one_does(micro_world, refiner_dir: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    """``torchrun --nproc_per_node 2 -m rsc.evaluate``: each rank renders its stride of (prompt, seed) items, the
+    adapter is trained once, and the reduced metrics equal one process's; the report's grids hold every image."""
+    results, trainings, stderrs = {}, {}, {}
+    for processes in (1, 2):
+        (tmp_path / f"p{processes}").mkdir()
+        dpo = {"dataset": str(micro_world.preferences_path), "steps": 2, "batch_size": 4,
+               "cache_dir": str(tmp_path / f"p{processes}" / "dpo")}
+        methods = [{"name": "none"}, {"name": "negative_prompt", "options": {"negative_prompt": "caricature"}},
+                   {"name": "rsc"}, {"name": "finetune_dpo", "options": dpo}]
+        config = _config(micro_world, refiner_dir, tmp_path / f"p{processes}" / "eval.yaml", methods=methods,
+                         cost_images=0)
+        out = tmp_path / f"out{processes}"
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        result = subprocess.run([*launcher, "-m", "rsc.evaluate", "--config", str(config), "--out", str(out)],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-4000:]
+        results[processes] = json.loads((out / "results.json").read_text())
+        assert len(list((tmp_path / f"p{processes}" / "dpo").glob("dpo-*/lora.safetensors"))) == 1
+        trainings[processes] = result.stderr.count("finetune_dpo: trained the adapter")  # by whichever rank locked first
+        stderrs[processes] = result.stderr[-6000:]
+    assert trainings == {1: 1, 2: 1}, (trainings, stderrs)
+    single, double = results[1], results[2]
+    assert double["settings"]["world_size"] == 2 and single["settings"]["world_size"] == 1
+    for name, row in single["methods"].items():
+        assert double["methods"][name]["rendered"] == row["rendered"] == 9
+        for level in ("per_prompt", "per_group", "all"):
+            expected, got = _numbers(row["metrics"][level]), _numbers(double["methods"][name]["metrics"][level])
+            assert set(got) == set(expected)
+            for key, value in expected.items():
+                assert (got[key] is None and value is None) or got[key] == pytest.approx(value, rel=1e-4, abs=1e-4), (
+                    name, key, got[key], value)
+    grid = tmp_path / "out2" / "figures" / "grid_rsc.png"
+    assert grid.read_bytes() == (tmp_path / "out1" / "figures" / "grid_rsc.png").read_bytes()
+
+
+def _numbers(tree: object, prefix: str = "") -> dict[str, float | None]:
+    """A nested dict of metrics as one flat ``{"a/b/c": number}`` dict."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _numbers(value, f"{prefix}/{key}").items()}
+    return {prefix: tree}  # type: ignore[dict-item]
+
+
 @pytest.mark.parametrize(
     ("changes", "error", "match"),
     [

@@ -8,6 +8,7 @@ with the reference's refiner, bit for bit.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,9 +26,22 @@ def _tail(result) -> str:  # noqa: ANN001
     return result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def _fit(config: Path, step_log: Path, kill_at: str | None = None, resume: bool = False):  # noqa: ANN202
+def _fit(config: Path, step_log: Path, kill_at: str | None = None, resume: bool = False,  # noqa: ANN202
+         env: dict[str, str] | None = None):
     arguments = ["--config", str(config)] + (["--ckpt_path", "last"] if resume else [])
-    return run_cli("fit", arguments, kill_at=kill_at, step_log=step_log)
+    return run_cli("fit", arguments, kill_at=kill_at, step_log=step_log, env=env)
+
+
+def _temporary_folder_on_another_device(path: Path) -> dict[str, str]:
+    """``TMPDIR`` on another file system than ``path`` where there is one (e.g. /dev/shm), else nothing.
+
+    There, a writer that stages in the temporary folder and then moves the file copies it: the
+    window in which a kill truncates the checkpoint that a plain rename would not have.
+    """
+    for candidate in ("/dev/shm", "/run/user", "/var/tmp"):
+        if os.path.isdir(candidate) and os.access(candidate, os.W_OK) and os.stat(candidate).st_dev != os.stat(path).st_dev:
+            return {"TMPDIR": candidate}
+    return {}
 
 
 def _assert_same_refiner(run: Path, reference: dict[str, torch.Tensor]) -> None:
@@ -92,8 +106,10 @@ def test_killed_between_epochs_with_the_demos_validation_cadence(reference, tiny
 
 def test_killed_while_writing_a_checkpoint(reference, tiny_sd_dir, tiny_prefs_dir, tmp_path) -> None:  # noqa: ANN001
     # The 3rd checkpoint file (step 6) is half-written when the process dies: last.ckpt must still be step 4's.
+    # With the system temporary folder on another device, Lightning's own writer (staged there, then moved) fails this.
     config = fit_config(tiny_sd_dir, tiny_prefs_dir, tmp_path / "run", reference.cache, every_n_train_steps=2)
-    killed = _fit(config, tmp_path / "killed.log", kill_at="checkpoint_write:3")
+    killed = _fit(config, tmp_path / "killed.log", kill_at="checkpoint_write:3",
+                  env=_temporary_folder_on_another_device(tmp_path))
     assert killed.returncode == KILLED, _tail(killed)
     assert _last(tmp_path / "run")["global_step"] == 4
     resumed = _fit(config, tmp_path / "resumed.log", resume=True)

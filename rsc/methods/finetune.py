@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -11,6 +13,8 @@ import torch
 from torch import Tensor
 
 from rsc.methods.base import Method, MethodContext, SamplingSettings, register
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from rsc.callbacks.measures import ValidationPrompt
@@ -62,6 +66,7 @@ class FinetuneDPO(Method):
 
     def setup(self, context: MethodContext) -> None:
         """Load the cached adapter, or train and cache it."""
+        from filelock import FileLock
         from safetensors.torch import load_file, save_file
 
         from rsc.atomic import atomic_path
@@ -80,30 +85,43 @@ class FinetuneDPO(Method):
         module = DiffusionDPO(ldm, **self.hyper)
         weights = (Path(self.cache_dir) if self.cache_dir else cache_root()) / f"dpo-{self.digest}" / "lora.safetensors"
         names = [name for name, p in module.unet.named_parameters() if p.requires_grad]
-        if weights.is_file():
-            state = load_file(str(weights))
-            module.unet.load_state_dict(state, strict=False)
-        elif self.steps:
-            self._train(module, context)
-            weights.parent.mkdir(parents=True, exist_ok=True)
-            parameters = dict(module.unet.named_parameters())
-            with atomic_path(weights) as temporary:
-                save_file({name: parameters[name].detach().cpu().contiguous() for name in names}, str(temporary))
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        # Processes evaluating together (torchrun) set up at once: the first trains, the others wait and load.
+        with FileLock(str(weights.parent / ".lock")):
+            if weights.is_file():
+                state = load_file(str(weights))
+                module.unet.load_state_dict(state, strict=False)
+            elif self.steps:
+                start = time.perf_counter()
+                self._train(module, context)
+                parameters = dict(module.unet.named_parameters())
+                with atomic_path(weights) as temporary:
+                    save_file({name: parameters[name].detach().cpu().contiguous() for name in names}, str(temporary))
+                log.info("finetune_dpo: trained the adapter (%d steps) in %.0f s, cached in %s", self.steps,
+                         time.perf_counter() - start, weights.parent)
         self._module = module
 
     def _train(self, module: DiffusionDPO, context: MethodContext) -> None:
         import lightning as L
+        from lightning.fabric.plugins.environments import LightningEnvironment
 
         from rsc.datamodules.preference import PreferenceDataModule
 
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Lightning would run collectives on the caller's process group, which the other ranks are not in.
+            raise RuntimeError(
+                "method finetune_dpo: its adapter is not trained yet, and torch.distributed is initialised; set the "
+                "methods up before joining the process group (python -m rsc.evaluate does), or train it in one process"
+            )
         source = context.ldm.source
         if source is None:
             raise ValueError("method finetune_dpo needs a backbone loaded from a path or Hub id (to encode the pairs)")
         data = PreferenceDataModule(self.dataset, source, batch_size=self.batch_size, cache_dir=self.cache_dir,
                                     progress=False, seed=self.hyper["seed"])
+        # LightningEnvironment: one training process even when launched by torchrun for the evaluation.
         trainer = L.Trainer(max_steps=self.steps, accelerator=context.ldm.device.type, devices=1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=True, enable_model_summary=False,
-                            limit_val_batches=0, num_sanity_val_steps=0)
+                            limit_val_batches=0, num_sanity_val_steps=0, plugins=[LightningEnvironment()])
         trainer.fit(module, datamodule=data)
         module.eval()
 
