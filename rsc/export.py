@@ -99,7 +99,8 @@ class ExportInfo:
         window = tuple(float(edge) for edge in hparams["correction_window"])
         return cls(
             correction_window=(window[0], window[1]),
-            strength=float(hparams["strength"]),
+            # A checkpoint's hyper-parameters: the sampling strength, where one was set, is what sampling uses.
+            strength=float(hparams["strength"] if hparams.get("sampling_strength") is None else hparams["sampling_strength"]),
             backbone=str(hparams["backbone"]),
             backbone_fingerprint=backbone.fingerprint,
             backbone_weights=backbone.weights,

@@ -32,7 +32,11 @@ class RSCorrector(L.LightningModule):
         norm_groups: Refiner GroupNorm groups.
         correction_window: Fractions (start, end) of the sampling trajectory that are corrected
             (0 = pure noise); training draws timesteps from the same window.
-        strength: s in ``z_t + s * R(z_t, t, c)``, at training and at sampling time.
+        strength: s in ``z_t + s * R(z_t, t, c)`` at training time, and at sampling time unless
+            ``sampling_strength`` is set.
+        sampling_strength: s at sampling time: what validation, the end-of-fit report and the export use
+            (``None``: ``strength``). Like a guidance scale, a dial between how much is corrected and how
+            much of the image is kept, set without retraining.
         beta: Preference inverse temperature.
         lambda_reg: Weight of the refiner-magnitude regulariser.
         lambda_sft: Weight of the policy error on the preferred sample.
@@ -61,6 +65,7 @@ class RSCorrector(L.LightningModule):
         norm_groups: int = 32,
         correction_window: tuple[float, float] = (0.0, 0.5),
         strength: float = 1.0,
+        sampling_strength: float | None = None,
         beta: float = 1000.0,
         lambda_reg: float = 0.1,
         lambda_sft: float = 0.0,
@@ -79,6 +84,8 @@ class RSCorrector(L.LightningModule):
             raise ValueError(f"backbone_dtype must be one of {sorted(DTYPES)}, got {backbone_dtype!r}")
         # Checked before the backbone loads, so a typo in a config costs no loading time.
         check_number("strength", strength)
+        if sampling_strength is not None:
+            check_number("sampling_strength", sampling_strength)
         check_number("learning_rate", learning_rate, positive=True)
         check_number("weight_decay", weight_decay, minimum=0)
         check_number("warmup_steps", warmup_steps, minimum=0, integer=True)
@@ -244,15 +251,21 @@ class RSCorrector(L.LightningModule):
         start, end = self.hparams.correction_window
         return float(start), float(end)
 
+    @property
+    def sampling_strength(self) -> float:
+        """The strength of the correction at sampling time (``sampling_strength``, else the training ``strength``)."""
+        configured = self.hparams.get("sampling_strength")
+        return float(self.hparams.strength if configured is None else configured)
+
     def correction(self, strength: float | None = None) -> RefinerCorrection:
-        """The trained refiner as a sampler correction (default: the training strength)."""
-        return RefinerCorrection(self.refiner, self.hparams.strength if strength is None else strength)
+        """The trained refiner as a sampler correction (default: :attr:`sampling_strength`)."""
+        return RefinerCorrection(self.refiner, self.sampling_strength if strength is None else strength)
 
     def export_config(self) -> dict[str, Any]:
         """What a frontend needs besides the weights: window, strength, the backbone it was trained for (and its config folder)."""
         return {
             "correction_window": list(self.hparams.correction_window),
-            "strength": self.hparams.strength,
+            "strength": self.sampling_strength,
             "backbone": self.hparams.backbone,
             "backbone_config": self.hparams.backbone_config,
             "prediction_type": self.ldm.prediction_type,

@@ -342,3 +342,24 @@ def test_export_errors(trained: dict[str, Path], tmp_path: Path, capsys: pytest.
     (broken / "config.json").write_text(json.dumps({"architecture": {}, "strength": 1.0}))
     with pytest.raises(ValueError, match=r"config.json lacks \['correction_window', 'backbone'\]"):
         load_refiner_for(broken, BackboneConfigs({}, {}))
+
+
+def test_sampling_strength_is_what_sampling_and_the_export_use(tiny_sd_dir: Path) -> None:
+    """``sampling_strength`` changes the correction, the export and a checkpoint's export, not the training loss."""
+    torch.manual_seed(0)
+    kwargs = dict(hidden_channels=16, num_blocks=1, embedding_dim=16, norm_groups=4, strength=1.0)
+    trained_at_one = RSCorrector(str(tiny_sd_dir), **kwargs)
+    dialled = RSCorrector(str(tiny_sd_dir), sampling_strength=0.7, **kwargs)
+    dialled.refiner.load_state_dict(trained_at_one.refiner.state_dict())
+    torch.nn.init.normal_(dialled.refiner.conv_out.weight, std=0.1)
+    trained_at_one.refiner.load_state_dict(dialled.refiner.state_dict())
+    assert dialled.correction().strength == 0.7 and trained_at_one.correction().strength == 1.0
+    assert dialled.export_config()["strength"] == 0.7
+    configs = BackboneConfigs.from_components(dialled.ldm.unet, dialled.ldm.text_encoder, dialled.ldm.scheduler)
+    assert ExportInfo.from_training(dict(dialled.hparams), configs).strength == 0.7  # rsc.export from a checkpoint
+    batch = next(iter(_RandomPairs("pairs", dialled.ldm.text_embedding_dim).train_dataloader()))
+    losses = [module.pair_step(batch, draws=module.pair_draws(batch["index"], batch["anti_stereotypical_latents"].shape[1:], 0))[0].loss
+              for module in (trained_at_one, dialled)]
+    assert torch.equal(losses[0], losses[1])  # trained at `strength` either way
+    with pytest.raises(ValueError, match="sampling_strength must be a finite number, got nan"):
+        RSCorrector(str(tiny_sd_dir), sampling_strength=float("nan"), **kwargs)

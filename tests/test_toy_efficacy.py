@@ -51,9 +51,9 @@ def test_demo_fit_corrects_the_toy_stereotype(tmp_path: Path) -> None:
         assert groups[name]["gender_consistency"][1] > groups[name]["gender_consistency"][0], name
     for name, row in groups.items():
         assert row["group_match"][1] >= 0.85, f"{name}: group match {row['group_match']}"
-    assert all(ok for check, ok in report["checks"].items() if check != "non_targeted_ssim_at_least_0.9"), report["checks"]
+    assert all(report["checks"].values()), report["checks"]
     # The paper's headline, per prompt (a group mean can hide one gender pushed towards the other): every targeted
-    # prompt's gender consistency ends >= 0.9 (toy v3 with the shipped recipe: 1.00 for all four).
+    # prompt's gender consistency ends >= 0.9 (toy v3 with the shipped recipe: 0.94 / 1.00 / 0.92 / 1.00).
     for key, row in report["per_prompt"].items():
         if row["targeted"]:
             assert row["gender_consistency"][1] >= 0.9, f"{key}: gender consistency {row['gender_consistency']}"
@@ -69,10 +69,9 @@ def test_demo_fit_corrects_the_toy_stereotype(tmp_path: Path) -> None:
             # At most one of its 16 images may flip.
             assert values[f"val/stereotype_rate/{name}"] <= values[f"val/stereotype_rate_uncorrected/{name}"] + 1 / 16, name
 
-    # Preservation of the non-targeted groups, last: with the shipped recipe ardan's SSIM is 0.898 (< 0.9 by 0.002,
-    # cyran 0.911) on toy world v3, a known miss that issue 12 (non-targeted SSIM >= 0.95) owns.
+    # Preservation of the non-targeted groups (toy v3, shipped recipe at sampling strength 0.7: ardan 0.931,
+    # cyran 0.943 on 64 seeds; at the trained strength 1.0 ardan was 0.898). Issue 12 wants >= 0.95.
     changed = {name: round(row["ssim"], 3) for name, row in groups.items() if not row["targeted"] and row["ssim"] < 0.9}
     changed |= {f"{name} (8 seeds)": round(values[f"val/ssim/{name}"], 3)
                 for name, row in groups.items() if not row["targeted"] and values[f"val/ssim/{name}"] < 0.85}
-    if changed:
-        pytest.xfail(f"non-targeted images changed too much (SSIM {changed}); known on toy world v3, see issue 12")
+    assert not changed, f"non-targeted images changed too much (SSIM {changed})"
