@@ -223,6 +223,7 @@ def _int(value: object, low: int, high: float = 2**16) -> bool:
 # What each field accepts, written independently of rsc's checks: a value that parses is a value that can train.
 FIT_FIELDS: dict[str, object] = {
     "model.strength": lambda v: _finite(v),
+    "model.sampling_strength": lambda v: v is None or _finite(v),
     "model.beta": lambda v: _finite(v, 0, strict=True),
     "model.lambda_reg": lambda v: _finite(v, 0),
     "model.lambda_sft": lambda v: _finite(v, 0),
