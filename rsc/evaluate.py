@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import resource
 import statistics
 import sys
@@ -388,11 +389,14 @@ def _sum_over_ranks(value: int, device: torch.device) -> int:
     return int(total.item())
 
 
+def _local_rank() -> int:
+    """This process's index on its machine (``LOCAL_RANK`` under torchrun, else 0)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def _default_device() -> str:
     """This process's GPU (``LOCAL_RANK`` under torchrun), else the CPU."""
-    import os
-
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    return f"cuda:{_local_rank()}" if torch.cuda.is_available() else "cpu"
 
 
 def init_distributed_from_env() -> bool:
@@ -400,12 +404,10 @@ def init_distributed_from_env() -> bool:
 
     Returns whether this call created the group (the caller then destroys it).
     """
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) < 2 or torch.distributed.is_initialized():
         return False
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" then means this rank's GPU
+        torch.cuda.set_device(_local_rank())  # "cuda" then means this rank's GPU
     torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return True
 

@@ -61,6 +61,15 @@ class BackboneMismatchError(ValueError):
 
 
 # ---------------------------------------------------------------------- the format
+def sampling_strength(hparams: Mapping[str, Any]) -> float:
+    """The correction strength sampling uses: ``sampling_strength`` where one was set, else the training ``strength``.
+
+    ``hparams`` are an ``RSCorrector``'s hyper-parameters (a checkpoint's) or its ``export_config()``.
+    """
+    configured = hparams.get("sampling_strength")
+    return float(hparams["strength"] if configured is None else configured)
+
+
 @dataclass
 class ExportInfo:
     """What ``config.json`` says besides the architecture.
@@ -99,8 +108,7 @@ class ExportInfo:
         window = tuple(float(edge) for edge in hparams["correction_window"])
         return cls(
             correction_window=(window[0], window[1]),
-            # A checkpoint's hyper-parameters: the sampling strength, where one was set, is what sampling uses.
-            strength=float(hparams["strength"] if hparams.get("sampling_strength") is None else hparams["sampling_strength"]),
+            strength=sampling_strength(hparams),
             backbone=str(hparams["backbone"]),
             backbone_fingerprint=backbone.fingerprint,
             backbone_weights=backbone.weights,

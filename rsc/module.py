@@ -10,6 +10,7 @@ from torch import Tensor
 
 from rsc.backbone import DTYPES, FrozenLDM
 from rsc.config import MAX_SEED, check_number
+from rsc.export import sampling_strength
 from rsc.losses import PreferenceLoss, PreferenceLossOutput, per_sample_error
 from rsc.numerics import NumericsGuard, non_finite_tensors
 from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection
@@ -90,7 +91,9 @@ class RSCorrector(L.LightningModule):
         check_number("weight_decay", weight_decay, minimum=0)
         check_number("warmup_steps", warmup_steps, minimum=0, integer=True)
         check_number("seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
-        PreferenceLoss(beta, lambda_reg, lambda_sft, lambda_no_harm, lambda_keep)  # checks the loss weights
+        self.loss_fn = PreferenceLoss(  # checks the loss weights
+            beta=beta, lambda_reg=lambda_reg, lambda_sft=lambda_sft, lambda_no_harm=lambda_no_harm, lambda_keep=lambda_keep
+        )
         self.save_hyperparameters()
         self.ldm = FrozenLDM.from_pretrained(backbone, config=backbone_config, dtype=DTYPES[backbone_dtype])
         if gradient_checkpointing:
@@ -108,9 +111,6 @@ class RSCorrector(L.LightningModule):
         # A compiled *function*, not a module attribute: a second module reference would
         # duplicate the refiner's weights in every checkpoint.
         self._refiner_forward = torch.compile(self.refiner.forward) if compile_refiner else self.refiner.forward
-        self.loss_fn = PreferenceLoss(
-            beta=beta, lambda_reg=lambda_reg, lambda_sft=lambda_sft, lambda_no_harm=lambda_no_harm, lambda_keep=lambda_keep
-        )
         self.timestep_range = window_timestep_range(
             correction_window, self.ldm.noise_scheduler.config.num_train_timesteps
         )
@@ -254,8 +254,7 @@ class RSCorrector(L.LightningModule):
     @property
     def sampling_strength(self) -> float:
         """The strength of the correction at sampling time (``sampling_strength``, else the training ``strength``)."""
-        configured = self.hparams.get("sampling_strength")
-        return float(self.hparams.strength if configured is None else configured)
+        return sampling_strength(self.hparams)
 
     def correction(self, strength: float | None = None) -> RefinerCorrection:
         """The trained refiner as a sampler correction (default: :attr:`sampling_strength`)."""
