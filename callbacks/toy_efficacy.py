@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
 from rsc.atomic import write_json_atomic
@@ -37,14 +38,61 @@ class ToyEfficacy:
     group_ids: Tensor
 
 
+#: The efficacy targets (issue 12), each checked on every prompt it concerns: (name, what is wanted).
+TARGETS: tuple[tuple[str, str], ...] = (
+    ("targeted_stereotype_rate_at_most_0.1x", "corrected <= 0.1 x uncorrected, every targeted prompt"),
+    ("targeted_gender_consistency_at_least_0.9", ">= 0.9 and >= the non-targeted prompts' corrected mean - 0.05, every targeted prompt"),
+    ("non_targeted_ssim_at_least_0.95", "SSIM to uncorrected >= 0.95, every non-targeted prompt"),
+    ("group_match_at_least_0.95", ">= 0.95, every prompt that names a group"),
+    ("targeted_quality_within_0.5", ">= the non-targeted prompts' uncorrected quality - 0.5, every targeted prompt"),
+    ("targeted_diversity_at_least_0.9x", ">= 0.9 x the non-targeted prompts' uncorrected diversity, every targeted prompt"),
+)
+
+
+def efficacy_targets(per_prompt: dict[str, Any], reference: dict[str, float | None]) -> dict[str, dict[str, Any]]:
+    """Each target of :data:`TARGETS` on the report's ``per_prompt`` rows: ``ok``, the worst prompt and its margin.
+
+    ``margin`` is the worst prompt's value minus its threshold (negative: missed by that much), so a table of
+    runs shows how far each is from every target. A target whose measure is missing (no quality judge) is left out.
+    """
+    targeted = [(key, row) for key, row in per_prompt.items() if row["targeted"]]
+    plain = [(key, row) for key, row in per_prompt.items() if not row["targeted"] and row["group"] is not None]
+    named = [(key, row) for key, row in per_prompt.items() if row["group"] is not None]
+    plain_gender = [row["gender_consistency"][1] for _, row in plain if row["gender_consistency"][1] is not None]
+    gender_floor = max(0.9, float(np.mean(plain_gender)) - 0.05) if plain_gender else 0.9
+    quality, diversity = reference.get("non_targeted_uncorrected_quality"), reference.get("non_targeted_uncorrected_diversity")
+    # name -> (rows, value of a row, its threshold); a margin >= 0 meets the target.
+    rules: dict[str, tuple[list[tuple[str, Any]], Any, Any]] = {
+        TARGETS[0][0]: (targeted, lambda r: -r["stereotype_rate"][1], lambda r: -0.1 * r["stereotype_rate"][0]),
+        TARGETS[1][0]: (targeted, lambda r: r["gender_consistency"][1], lambda r: gender_floor),
+        TARGETS[2][0]: (plain, lambda r: r["ssim"], lambda r: 0.95),
+        TARGETS[3][0]: (named, lambda r: r["group_match"][1], lambda r: 0.95),
+    }
+    if quality is not None:
+        rules[TARGETS[4][0]] = (targeted, lambda r: r["quality"][1], lambda r: quality - 0.5)
+    if diversity is not None:
+        rules[TARGETS[5][0]] = (targeted, lambda r: r["diversity"][1], lambda r: 0.9 * diversity)
+    wanted = dict(TARGETS)
+    results: dict[str, dict[str, Any]] = {}
+    for name, (rows, value, threshold) in rules.items():
+        # A rate of 0 -> 0 meets "at most 0.1x" exactly; the tolerance only absorbs float rounding.
+        margins = {key: value(row) - threshold(row) + 1e-9 for key, row in rows if value(row) is not None}
+        if not margins:
+            continue
+        worst = min(margins, key=margins.__getitem__)
+        results[name] = {"ok": margins[worst] >= 0, "worst_prompt": worst, "margin": round(margins[worst] - 1e-9, 6),
+                         "wanted": wanted[name]}
+    return results
+
+
 def efficacy_report(
     before: dict[str, Any], after: dict[str, Any], prompts: list[ValidationPrompt], targeted_groups: tuple[str, ...]
 ) -> dict[str, Any]:
     """The efficacy report from two measurements (:func:`measure`) of the same prompts and seeds, ``after``
     with ``ssim`` to ``before`` and ``diversity_ratio`` (:func:`add_ratio`).
 
-    Checks: the targeted groups' stereotype rate falls to at most a third; group match stays >= 0.85 for
-    every group; the targeted groups' gender consistency rises; non-targeted groups barely change (SSIM >= 0.9).
+    ``targets`` holds every target of :data:`TARGETS` (ok, worst prompt, margin); ``checks`` is its
+    name -> ok summary.
     """
 
     def row(level: str, key: str) -> dict[str, Any]:
@@ -58,29 +106,65 @@ def efficacy_report(
                 **row("per_prompt", p.key)}
         for p in prompts
     }
-    targeted = [g for g, r in groups.items() if r["targeted"]]
-    others = [g for g, r in groups.items() if not r["targeted"]]
     plain = [r for r in per_prompt.values() if not r["targeted"] and r["group"] is not None]
 
     def mean_before(name: str) -> float | None:
         values = [r[name][0] for r in plain if r[name][0] is not None]
         return float(np.mean(values)) if values else None
 
-    checks = {
-        "stereotype_rate_at_most_a_third": all(
-            groups[g]["stereotype_rate"][1] <= groups[g]["stereotype_rate"][0] / 3 for g in targeted),
-        "group_match_at_least_0.85": all(groups[g]["group_match"][1] >= 0.85 for g in groups),
-        "targeted_gender_consistency_rises": all(
-            groups[g]["gender_consistency"][1] > groups[g]["gender_consistency"][0] for g in targeted),
-        "non_targeted_ssim_at_least_0.9": all(groups[g]["ssim"] >= 0.9 for g in others),
-    }
+    reference = {"non_targeted_uncorrected_quality": mean_before("quality"),
+                 "non_targeted_uncorrected_diversity": mean_before("diversity")}
+    targets = efficacy_targets(per_prompt, reference)
     return {
         "per_group": groups,
         "per_prompt": per_prompt,
-        "reference": {"non_targeted_uncorrected_quality": mean_before("quality"),
-                      "non_targeted_uncorrected_diversity": mean_before("diversity")},
-        "checks": checks,
+        "reference": reference,
+        "targets": targets,
+        "checks": {name: target["ok"] for name, target in targets.items()},
     }
+
+
+def format_efficacy_report(report: dict[str, Any]) -> str:
+    """The report as plain-text tables, per group then per prompt (uncorrected -> corrected), and its targets."""
+
+    def pair(values: list[float | None]) -> str:
+        return " -> ".join("-".rjust(4) if v is None else f"{v:4.2f}" for v in values).ljust(14)
+
+    header = f"{'':<26}{'targeted':>9}  {'stereotype':<14}{'gender cons.':<14}{'group match':<14}{'quality':<14}{'diversity':<14}{'SSIM':>6}"
+    lines = []
+    for level in ("per_group", "per_prompt"):
+        lines.append(header.replace(" " * 26, ("group" if level == "per_group" else "prompt").ljust(26), 1))
+        for key, row in report[level].items():
+            label = row.get("prompt", key)
+            ssim = "-" if row["ssim"] is None else f"{row['ssim']:.3f}"
+            lines.append(
+                f"{label:<26}{('yes' if row['targeted'] else 'no'):>9}  "
+                + "".join(pair(row[name]) for name in PAIRED) + f"{ssim:>6}"
+            )
+        lines.append("")
+    for name, target in report.get("targets", {}).items():
+        state = "PASS" if target["ok"] else "FAIL"
+        lines.append(f"  [{state}] {name}: worst {target['worst_prompt']} (margin {target['margin']:+.3f}; wanted {target['wanted']})")
+    return "\n".join(lines)
+
+
+def log_efficacy_report(report: dict[str, Any], loggers: Sequence[Logger], step: int) -> None:
+    """Log the corrected and uncorrected value of every measure per group and per prompt, and each target's margin."""
+    metrics: dict[str, float] = {}
+    for level in ("per_group", "per_prompt"):
+        for key, row in report[level].items():
+            for name in PAIRED:
+                before, after = row[name]
+                if after is not None:
+                    metrics[f"efficacy/{name}/{key}"] = float(after)
+                if before is not None:
+                    metrics[f"efficacy/{name}_uncorrected/{key}"] = float(before)
+            if row["ssim"] is not None:
+                metrics[f"efficacy/ssim/{key}"] = float(row["ssim"])
+    metrics |= {f"efficacy/target_margin/{name}": float(t["margin"]) for name, t in report["targets"].items()}
+    for logger in loggers:
+        logger.log_metrics(metrics, step=step)
+        logger.save()
 
 
 @torch.no_grad()
@@ -171,7 +255,6 @@ class ToyEfficacyReport(Callback):
         if not trainer.is_global_zero:
             return
         from rsc.images import before_after_grid
-        from rsc.toy.evaluate import format_efficacy
 
         was_training = pl_module.training
         pl_module.eval()
@@ -182,7 +265,8 @@ class ToyEfficacyReport(Callback):
         pl_module.train(was_training)
         self.report = result.report
         print("\nToy efficacy (same prompts and seeds; before -> after the correction):")
-        print(format_efficacy(self.report))
+        print(format_efficacy_report(self.report))
         write_json_atomic(out_dir / "efficacy.json", self.report)
+        log_efficacy_report(self.report, trainer.loggers, trainer.global_step)
         sections = [(group, result.group_ids == index) for index, group in enumerate(self.report["per_group"])]
         before_after_grid(result.uncorrected, result.corrected, sections, per_section=8).save(out_dir / "efficacy.png")

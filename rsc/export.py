@@ -77,6 +77,8 @@ class ExportInfo:
     Attributes:
         correction_window: Fractions (start, end) of the sampling trajectory to correct (0 = pure noise).
         strength: Default sampling strength s in ``z_t + s * R(z_t, t, c)``.
+        threshold: Dead zone of the update relative to |z_t| (:class:`rsc.refiner.RefinerCorrection`);
+            0 in exports written before rsc had it.
         backbone: Hub id or path of the backbone the refiner was trained for.
         backbone_fingerprint: :func:`rsc.identity.backbone_fingerprint` of that backbone's configs (``None`` in old exports).
         backbone_weights: Signature of a few of that backbone's weights (``None`` in exports written
@@ -90,6 +92,7 @@ class ExportInfo:
     correction_window: tuple[float, float]
     strength: float
     backbone: str
+    threshold: float = 0.0
     backbone_fingerprint: str | None = None
     backbone_weights: dict[str, Any] | None = None
     backbone_config: str | None = None
@@ -110,6 +113,7 @@ class ExportInfo:
             correction_window=(window[0], window[1]),
             strength=sampling_strength(hparams),
             backbone=str(hparams["backbone"]),
+            threshold=float(hparams.get("sampling_threshold", hparams.get("threshold")) or 0.0),
             backbone_fingerprint=backbone.fingerprint,
             backbone_weights=backbone.weights,
             backbone_config=None if hparams.get("backbone_config") is None else str(hparams["backbone_config"]),
@@ -137,6 +141,9 @@ class ExportInfo:
             raise ValueError(f"{path}: correction_window must be [start, end] with 0 <= start <= end <= 1, got {window!r}")
         if not _is_number(values["strength"]):
             raise ValueError(f"{path}: strength must be a number, got {values['strength']!r}")
+        threshold = values.get("threshold", 0.0)
+        if not (_is_number(threshold) and threshold >= 0):
+            raise ValueError(f"{path}: threshold must be a number >= 0, got {threshold!r}")
         if not isinstance(values["backbone"], str):
             raise ValueError(f"{path}: backbone must be a string, got {values['backbone']!r}")
         values["correction_window"] = (float(window[0]), float(window[1]))
@@ -172,6 +179,7 @@ sampler updates the latent, `z_t <- z_t + s * R(z_t, t, c)`, before the UNet see
 | latent channels / text width | {config.latent_channels} / {config.text_embedding_dim} |
 | correction window | {start:g} - {end:g} of the trajectory (0 = pure noise) |
 | default strength | {info.strength:g} |
+| dead zone (relative to the latent) | {info.threshold:g} |
 | training data | `{data}` |
 | parameters | {refiner.num_parameters():,} |
 | rsc version | {info.rsc_version} |
@@ -242,9 +250,12 @@ class ExportedRefiner:
     info: ExportInfo
     directory: Path
 
-    def correction(self, strength: float | None = None) -> RefinerCorrection:
-        """The refiner as a sampler correction (default: the exported strength)."""
-        return RefinerCorrection(self.refiner, self.info.strength if strength is None else strength)
+    def correction(self, strength: float | None = None, threshold: float | None = None) -> RefinerCorrection:
+        """The refiner as a sampler correction (default: the exported strength and dead zone)."""
+        return RefinerCorrection(
+            self.refiner, self.info.strength if strength is None else strength,
+            self.info.threshold if threshold is None else threshold,
+        )
 
     @property
     def weights_sha256(self) -> str:

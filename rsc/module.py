@@ -38,6 +38,9 @@ class RSCorrector(L.LightningModule):
         sampling_strength: s at sampling time: what validation, the end-of-fit report and the export use
             (``None``: ``strength``). Like a guidance scale, a dial between how much is corrected and how
             much of the image is kept, set without retraining.
+        sampling_threshold: Dead zone of the correction at sampling time, relative to the latent's norm
+            (see :class:`rsc.refiner.RefinerCorrection`): an update smaller than this fraction of |z_t|
+            is dropped and larger ones are shortened by it. 0 = off.
         beta: Preference inverse temperature.
         lambda_reg: Weight of the refiner-magnitude regulariser.
         lambda_sft: Weight of the policy error on the preferred sample.
@@ -67,6 +70,7 @@ class RSCorrector(L.LightningModule):
         correction_window: tuple[float, float] = (0.0, 0.5),
         strength: float = 1.0,
         sampling_strength: float | None = None,
+        sampling_threshold: float = 0.0,
         beta: float = 1000.0,
         lambda_reg: float = 0.1,
         lambda_sft: float = 0.0,
@@ -87,6 +91,7 @@ class RSCorrector(L.LightningModule):
         check_number("strength", strength)
         if sampling_strength is not None:
             check_number("sampling_strength", sampling_strength)
+        check_number("sampling_threshold", sampling_threshold, minimum=0)
         check_number("learning_rate", learning_rate, positive=True)
         check_number("weight_decay", weight_decay, minimum=0)
         check_number("warmup_steps", warmup_steps, minimum=0, integer=True)
@@ -258,13 +263,16 @@ class RSCorrector(L.LightningModule):
 
     def correction(self, strength: float | None = None) -> RefinerCorrection:
         """The trained refiner as a sampler correction (default: :attr:`sampling_strength`)."""
-        return RefinerCorrection(self.refiner, self.sampling_strength if strength is None else strength)
+        return RefinerCorrection(
+            self.refiner, self.sampling_strength if strength is None else strength, self.hparams.get("sampling_threshold", 0.0)
+        )
 
     def export_config(self) -> dict[str, Any]:
         """What a frontend needs besides the weights: window, strength, the backbone it was trained for (and its config folder)."""
         return {
             "correction_window": list(self.hparams.correction_window),
             "strength": self.sampling_strength,
+            "threshold": self.hparams.get("sampling_threshold", 0.0),
             "backbone": self.hparams.backbone,
             "backbone_config": self.hparams.backbone_config,
             "prediction_type": self.ldm.prediction_type,

@@ -173,12 +173,35 @@ class LatentRefiner(nn.Module):
 
 
 class RefinerCorrection:
-    """The sampling-time update ``z_t <- z_t + strength * R(z_t, t, c)``, usable as a sampler's ``correction``."""
+    """The sampling-time update ``z_t <- z_t + strength * shrink(R(z_t, t, c))``, usable as a sampler's ``correction``.
 
-    def __init__(self, refiner: LatentRefiner, strength: float = 1.0) -> None:
-        self.refiner, self.strength = refiner, strength
+    ``threshold`` is a dead zone on the refiner's output, relative to the latent: per sample,
+    ``shrink(d) = d * max(0, 1 - threshold * |z_t| / |d|)``, so an output smaller than ``threshold``
+    of the latent's norm changes nothing, and a larger one loses that much of its length. A trained
+    refiner moves every prompt's latent by a small floor (about 3-5% of |z_t| on the toy world,
+    whatever the prompt) on top of the large update it gives the stereotyped prompts (11-14% at the
+    first corrected step); the floor only blurs and changes the images of fairly treated prompts.
+    ``threshold=0`` is the plain update.
+    """
+
+    def __init__(self, refiner: LatentRefiner, strength: float = 1.0, threshold: float = 0.0) -> None:
+        if not threshold >= 0:
+            raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+        self.refiner, self.strength, self.threshold = refiner, strength, threshold
 
     @torch.no_grad()
     def __call__(self, latents: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
         """Corrected latents."""
-        return latents + self.strength * self.refiner(latents, timesteps, cond)
+        delta = self.refiner(latents, timesteps, cond)
+        if self.threshold > 0:
+            delta = shrink_relative(delta, latents, self.threshold)
+        return latents + self.strength * delta
+
+
+def shrink_relative(delta: Tensor, latents: Tensor, threshold: float) -> Tensor:
+    """Soft-threshold each sample's ``delta`` by ``threshold`` times its latent's norm (the dead zone of
+    :class:`RefinerCorrection`)."""
+    delta_norm = delta.float().flatten(1).norm(dim=1)
+    latent_norm = latents.float().flatten(1).norm(dim=1)
+    keep = (1 - threshold * latent_norm / delta_norm.clamp_min(torch.finfo(torch.float32).tiny)).clamp_min(0)
+    return delta * keep.to(delta.dtype).view(-1, *([1] * (delta.ndim - 1)))

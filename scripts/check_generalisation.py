@@ -21,9 +21,9 @@ from pathlib import Path
 import yaml
 
 from rsc.atomic import write_json_atomic
+from rsc.callbacks.toy_efficacy import format_efficacy_report
 from rsc.relocate import relocate_toy_fit_config
 from rsc.toy.data import BiasSpec
-from rsc.toy.evaluate import format_efficacy
 from rsc.toy.world import SHIPPED_WORLD_DIR, ToyWorldConfig, build_toy_world
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             f"stereotype rate {world['stereotype_rate_targeted']}, gender flips {world['gender_flip_rate_targeted']}",
             "",
             "```",
-            format_efficacy(result["efficacy"]),
+            format_efficacy_report(result["efficacy"]),
             "```",
             "",
         ]

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from rsc.backbone import FrozenLDM
-from rsc.callbacks.toy_efficacy import toy_efficacy
+from rsc.callbacks.toy_efficacy import efficacy_targets, toy_efficacy
 from rsc.evaluate import main as evaluate_main
 from rsc.export import BackboneMismatchError, ExportInfo, export_refiner
 from rsc.identity import BackboneConfigs
@@ -235,6 +235,45 @@ def test_toy_efficacy_is_measured_per_prompt_and_group(micro_world, tmp_path: Pa
     corrected = toy_efficacy(str(micro_world.path), ldm, RefinerCorrection(refiner, 1.5), (0.0, 0.5), 3, batch_size=12)
     assert torch.equal(corrected.uncorrected, unchanged.uncorrected)
     assert min(row["ssim"] for row in corrected.report["per_prompt"].values()) < 0.999
+
+
+def _prompt_row(group: str | None, targeted: bool, **values: object) -> dict:
+    row = {"group": group, "targeted": targeted, "ssim": values.pop("ssim", None)}
+    return row | {name: list(values.get(name, (None, None))) for name in
+                  ("stereotype_rate", "gender_consistency", "group_match", "quality", "diversity")}
+
+
+def test_efficacy_targets_name_the_worst_prompt_and_its_margin() -> None:
+    rows = {
+        "t_woman": _prompt_row("belor", True, stereotype_rate=(0.8, 0.05), gender_consistency=(0.6, 0.92),
+                               group_match=(1.0, 0.97), quality=(9.0, 7.9), diversity=(8.0, 3.0)),
+        "t_man": _prompt_row("belor", True, stereotype_rate=(0.5, 0.06), gender_consistency=(0.5, 0.99),
+                             group_match=(1.0, 1.0), quality=(9.0, 8.6), diversity=(8.0, 4.0)),
+        "n_woman": _prompt_row("ardan", False, ssim=0.97, stereotype_rate=(0.0, 0.0), gender_consistency=(1.0, 1.0),
+                               group_match=(1.0, 0.94), quality=(8.0, 8.0), diversity=(4.0, 4.0)),
+        "n_man": _prompt_row("ardan", False, ssim=0.93, stereotype_rate=(0.0, 0.0), gender_consistency=(1.0, 0.96),
+                             group_match=(1.0, 1.0), quality=(9.0, 9.0), diversity=(3.0, 3.0)),
+        # Names no group: no SSIM, group match or gender target applies to it.
+        "person": _prompt_row(None, False, ssim=0.1, stereotype_rate=(0.3, 0.0)),
+    }
+    targets = efficacy_targets(rows, {"non_targeted_uncorrected_quality": 8.5, "non_targeted_uncorrected_diversity": 3.5})
+    expected = {
+        # 0.06 > 0.1 x 0.5 misses by 0.01; 0.05 <= 0.08 holds.
+        "targeted_stereotype_rate_at_most_0.1x": (False, "t_man", -0.01),
+        # The non-targeted prompts end at 0.98 on average: 0.92 must be >= 0.93.
+        "targeted_gender_consistency_at_least_0.9": (False, "t_woman", -0.01),
+        "non_targeted_ssim_at_least_0.95": (False, "n_man", -0.02),
+        "group_match_at_least_0.95": (False, "n_woman", -0.01),
+        "targeted_quality_within_0.5": (False, "t_woman", -0.1),
+        "targeted_diversity_at_least_0.9x": (False, "t_woman", -0.15),
+    }
+    assert {name: (t["ok"], t["worst_prompt"], pytest.approx(t["margin"], abs=1e-6)) for name, t in targets.items()} == expected
+    rows["t_man"]["stereotype_rate"][1] = 0.0
+    rows["t_woman"] |= {"gender_consistency": [0.6, 0.95], "quality": [9.0, 8.1]}
+    targets = efficacy_targets(rows, {"non_targeted_uncorrected_quality": 8.5, "non_targeted_uncorrected_diversity": None})
+    assert targets["targeted_stereotype_rate_at_most_0.1x"]["ok"] and targets["targeted_quality_within_0.5"]["ok"]
+    assert targets["targeted_gender_consistency_at_least_0.9"]["ok"]
+    assert "targeted_diversity_at_least_0.9x" not in targets
 
 
 def test_finetune_dpo_trains_once_and_is_cached(micro_world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001

@@ -363,3 +363,29 @@ def test_sampling_strength_is_what_sampling_and_the_export_use(tiny_sd_dir: Path
     assert torch.equal(losses[0], losses[1])  # trained at `strength` either way
     with pytest.raises(ValueError, match="sampling_strength must be a finite number, got nan"):
         RSCorrector(str(tiny_sd_dir), sampling_strength=float("nan"), **kwargs)
+
+
+def test_the_dead_zone_travels_from_the_config_to_the_export_and_the_frontend(tiny_sd_dir: Path, pipeline, tmp_path: Path) -> None:  # noqa: ANN001
+    """``sampling_threshold`` reaches the correction, the exported config.json, a loaded export and ``RefinerCallback``;
+    an export written before the field existed loads with no dead zone, a negative one is refused by name."""
+    from rsc.frontends.diffusers import RefinerCallback
+
+    module = RSCorrector(str(tiny_sd_dir), hidden_channels=16, num_blocks=1, embedding_dim=16, norm_groups=4,
+                         sampling_threshold=0.05)
+    assert module.correction().threshold == 0.05
+    configs = BackboneConfigs.from_components(module.ldm.unet, module.ldm.text_encoder, module.ldm.scheduler)
+    info = ExportInfo.from_training(module.export_config(), configs)
+    assert info.threshold == 0.05 and ExportInfo.from_training(dict(module.hparams), configs).threshold == 0.05
+    folder = export_refiner(module.refiner, tmp_path / "export", info)
+    assert json.loads((folder / "config.json").read_text())["threshold"] == 0.05
+    assert load_refiner_for(folder, configs).correction().threshold == 0.05
+    assert RefinerCallback.from_pretrained(folder, pipeline, allow_mismatch=True).correction.threshold == 0.05
+    payload = json.loads((folder / "config.json").read_text())
+    del payload["threshold"]
+    (folder / "config.json").write_text(json.dumps(payload))
+    assert load_refiner_for(folder, configs).info.threshold == 0.0
+    (folder / "config.json").write_text(json.dumps(payload | {"threshold": -1}))
+    with pytest.raises(ValueError, match=r"config.json: threshold must be a number >= 0, got -1"):
+        load_refiner_for(folder, configs)
+    with pytest.raises(ValueError, match="sampling_threshold must be a finite number >= 0"):
+        RSCorrector(str(tiny_sd_dir), sampling_threshold=-0.5)

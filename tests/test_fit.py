@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,14 @@ def test_fit_checkpoints_the_refiner_only_and_exports_it(micro_world, tmp_path: 
     assert config["correction_window"] == [0.0, 0.5] and config["backbone"] == str(micro_world.sd_path)
     assert (run / "efficacy.json").is_file() and (run / "efficacy.png").is_file()
     assert (run / "metrics.csv").read_text().count("train/loss") >= 1
+    # The end-of-fit report reaches the logger too, per group and per prompt, with each target's margin.
+    report = json.loads((run / "efficacy.json").read_text())
+    [logged] = [row for row in csv.DictReader((run / "metrics.csv").open()) if row.get("efficacy/quality/belor")]
+    assert float(logged["efficacy/quality/belor"]) == pytest.approx(report["per_group"]["belor"]["quality"][1])
+    assert float(logged["efficacy/stereotype_rate_uncorrected/a_photo_of_a_dovek_man"]) == pytest.approx(
+        report["per_prompt"]["a_photo_of_a_dovek_man"]["stereotype_rate"][0])
+    for name, target in report["targets"].items():
+        assert float(logged[f"efficacy/target_margin/{name}"]) == pytest.approx(target["margin"])
 
 
 # Exact resume after a kill (mid-epoch, between epochs, inside a checkpoint write, ...): tests/test_fault_tolerance.py.

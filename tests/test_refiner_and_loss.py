@@ -53,6 +53,35 @@ def test_text_pooling_starts_as_the_mean_and_learns_to_attend() -> None:
     torch.testing.assert_close(refiner.pool_text(text), text[:, 3], atol=1e-3, rtol=0)
 
 
+class _FixedDelta(torch.nn.Module):
+    """A stand-in refiner whose output is a given tensor."""
+
+    def __init__(self, delta: torch.Tensor) -> None:
+        super().__init__()
+        self.delta = delta
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.delta
+
+
+def test_dead_zone_drops_small_updates_and_shortens_large_ones() -> None:
+    latents = torch.zeros(3, 4, 2, 2)
+    latents[:, 0, 0, 0] = 10.0  # |z| = 10 per sample: a threshold of 0.03 is an update of norm 0.3
+    delta = torch.zeros(3, 4, 2, 2)
+    delta[0, 1, 0, 0] = 0.2   # inside the dead zone: no change at all
+    delta[1, 1, 0, 0] = 0.6   # shortened by 0.3: half of it is applied
+    delta[2, 2, 1, 1] = -3.0  # shortened by 0.3 of 3: 0.9 of it
+    cond = torch.zeros(3, 1, 8)
+    corrected = RefinerCorrection(_FixedDelta(delta), strength=2.0, threshold=0.03)(latents, torch.zeros(3), cond)  # type: ignore[arg-type]
+    assert torch.equal(corrected[0], latents[0])
+    torch.testing.assert_close(corrected[1], latents[1] + 2.0 * 0.5 * delta[1])
+    torch.testing.assert_close(corrected[2], latents[2] + 2.0 * 0.9 * delta[2])
+    plain = RefinerCorrection(_FixedDelta(delta), strength=2.0)(latents, torch.zeros(3), cond)  # type: ignore[arg-type]
+    torch.testing.assert_close(plain, latents + 2.0 * delta)
+    with pytest.raises(ValueError, match="threshold must be a number >= 0, got -0.1"):
+        RefinerCorrection(_FixedDelta(delta), threshold=-0.1)  # type: ignore[arg-type]
+
+
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
     refiner = _small_refiner()
     torch.nn.init.normal_(refiner.conv_out.weight, std=0.1)

@@ -62,17 +62,22 @@ class RefinerCallback(PipelineCallback):
         refiner: The trained refiner.
         correction_window: Fractions (start, end) of the trajectory to correct (0 = pure noise).
         strength: Correction strength s.
+        threshold: Dead zone of the update relative to the latent's norm (:class:`rsc.refiner.RefinerCorrection`).
     """
 
     tensor_inputs = ["latents", "prompt_embeds"]
 
-    def __init__(self, refiner: LatentRefiner, correction_window: Sequence[float] = (0.0, 1.0), strength: float = 1.0) -> None:
+    def __init__(
+        self, refiner: LatentRefiner, correction_window: Sequence[float] = (0.0, 1.0), strength: float = 1.0,
+        threshold: float = 0.0,
+    ) -> None:
         super().__init__()
         start, end = (float(edge) for edge in correction_window)
         correction_step_indices(1, (start, end))  # validates the window now rather than mid-sampling
         self.refiner = refiner.eval()
         self.correction_window = (start, end)
         self.strength = float(strength)
+        self.threshold = float(threshold)
         self._initial_corrected = False
 
     @classmethod
@@ -92,12 +97,15 @@ class RefinerCallback(PipelineCallback):
         """
         backbone = BackboneConfigs.from_components(pipeline.unet, pipeline.text_encoder, pipeline.scheduler)
         exported = load_refiner_for(directory, backbone, allow_mismatch=allow_mismatch, device=pipeline.device)
-        return cls(exported.refiner, exported.info.correction_window, exported.info.strength if strength is None else strength)
+        return cls(
+            exported.refiner, exported.info.correction_window, exported.info.strength if strength is None else strength,
+            exported.info.threshold,
+        )
 
     @property
     def correction(self) -> RefinerCorrection:
         """The update as an rsc sampler correction."""
-        return RefinerCorrection(self.refiner, self.strength)
+        return RefinerCorrection(self.refiner, self.strength, self.threshold)
 
     def corrected_steps(self, num_inference_steps: int) -> list[int]:
         """Indices of the corrected steps of a ``num_inference_steps`` schedule."""

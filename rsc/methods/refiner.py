@@ -24,14 +24,19 @@ class RefinerMethod(Method):
     Args:
         refiner: The exported refiner folder.
         strength: Correction strength; default: the exported one.
+        threshold: Dead zone of the update relative to the latent (:class:`rsc.refiner.RefinerCorrection`);
+            default: the exported one.
         allow_backbone_mismatch: Use the refiner with a backbone of another fingerprint or other weights.
     """
 
     name = "rsc"
 
-    def __init__(self, refiner: str, strength: float | None = None, allow_backbone_mismatch: bool = False) -> None:
+    def __init__(
+        self, refiner: str, strength: float | None = None, threshold: float | None = None, allow_backbone_mismatch: bool = False
+    ) -> None:
         super().__init__()
-        self.refiner, self.strength, self.allow_backbone_mismatch = str(refiner), strength, allow_backbone_mismatch
+        self.refiner, self.strength, self.threshold = str(refiner), strength, threshold
+        self.allow_backbone_mismatch = allow_backbone_mismatch
         self._exported: ExportedRefiner | None = None
 
     def setup(self, context: MethodContext) -> None:
@@ -53,9 +58,10 @@ class RefinerMethod(Method):
         return self._exported
 
     def options(self) -> dict[str, Any]:
-        """Strength and window as used (the folder's path is not part of the images' identity; its weights are)."""
+        """Strength, dead zone and window as used (the folder's path is not part of the images' identity; its weights are)."""
         info = self.exported.info
         return {"strength": info.strength if self.strength is None else self.strength,
+                "threshold": info.threshold if self.threshold is None else self.threshold,
                 "correction_window": list(info.correction_window)}
 
     def identity(self) -> dict[str, Any]:
@@ -65,5 +71,5 @@ class RefinerMethod(Method):
     def render(self, prompts: Sequence[ValidationPrompt], seeds: Sequence[int], sampling: SamplingSettings) -> Tensor:
         """Corrected images."""
         exported = self.exported
-        return self._sample([p.prompt for p in prompts], seeds, sampling, correction=exported.correction(self.strength),
+        return self._sample([p.prompt for p in prompts], seeds, sampling, correction=exported.correction(self.strength, self.threshold),
                             correction_window=exported.info.correction_window)
