@@ -75,12 +75,12 @@ def efficacy_targets(per_prompt: dict[str, Any], reference: dict[str, float | No
     wanted = dict(TARGETS)
     results: dict[str, dict[str, Any]] = {}
     for name, (rows, value, threshold) in rules.items():
-        # A rate of 0 -> 0 meets "at most 0.1x" exactly; the tolerance only absorbs float rounding.
-        margins = {key: value(row) - threshold(row) + 1e-9 for key, row in rows if value(row) is not None}
+        margins = {key: value(row) - threshold(row) for key, row in rows if value(row) is not None}
         if not margins:
             continue
         worst = min(margins, key=margins.__getitem__)
-        results[name] = {"ok": margins[worst] >= 0, "worst_prompt": worst, "margin": round(margins[worst] - 1e-9, 6),
+        # A rate of 0 -> 0 meets "at most 0.1x" exactly; the tolerance only absorbs float rounding.
+        results[name] = {"ok": margins[worst] >= -1e-9, "worst_prompt": worst, "margin": round(margins[worst], 6),
                          "wanted": wanted[name]}
     return results
 

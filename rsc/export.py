@@ -70,6 +70,12 @@ def sampling_strength(hparams: Mapping[str, Any]) -> float:
     return float(hparams["strength"] if configured is None else configured)
 
 
+def sampling_threshold(hparams: Mapping[str, Any]) -> float:
+    """The dead zone sampling uses: ``sampling_threshold`` (hyper-parameters) or ``threshold`` (``export_config()``), else 0."""
+    configured = hparams.get("sampling_threshold", hparams.get("threshold"))
+    return float(configured or 0.0)
+
+
 @dataclass
 class ExportInfo:
     """What ``config.json`` says besides the architecture.
@@ -113,7 +119,7 @@ class ExportInfo:
             correction_window=(window[0], window[1]),
             strength=sampling_strength(hparams),
             backbone=str(hparams["backbone"]),
-            threshold=float(hparams.get("sampling_threshold", hparams.get("threshold")) or 0.0),
+            threshold=sampling_threshold(hparams),
             backbone_fingerprint=backbone.fingerprint,
             backbone_weights=backbone.weights,
             backbone_config=None if hparams.get("backbone_config") is None else str(hparams["backbone_config"]),

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from rsc.backbone import DTYPES, FrozenLDM
 from rsc.config import MAX_SEED, check_number
-from rsc.export import sampling_strength
+from rsc.export import sampling_strength, sampling_threshold
 from rsc.losses import PreferenceLoss, PreferenceLossOutput, per_sample_error
 from rsc.numerics import NumericsGuard, non_finite_tensors
 from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection
@@ -261,10 +261,15 @@ class RSCorrector(L.LightningModule):
         """The strength of the correction at sampling time (``sampling_strength``, else the training ``strength``)."""
         return sampling_strength(self.hparams)
 
+    @property
+    def sampling_threshold(self) -> float:
+        """The dead zone of the correction at sampling time (``sampling_threshold``; 0 = off)."""
+        return sampling_threshold(self.hparams)
+
     def correction(self, strength: float | None = None) -> RefinerCorrection:
         """The trained refiner as a sampler correction (default: :attr:`sampling_strength`)."""
         return RefinerCorrection(
-            self.refiner, self.sampling_strength if strength is None else strength, self.hparams.get("sampling_threshold", 0.0)
+            self.refiner, self.sampling_strength if strength is None else strength, self.sampling_threshold
         )
 
     def export_config(self) -> dict[str, Any]:
@@ -272,7 +277,7 @@ class RSCorrector(L.LightningModule):
         return {
             "correction_window": list(self.hparams.correction_window),
             "strength": self.sampling_strength,
-            "threshold": self.hparams.get("sampling_threshold", 0.0),
+            "threshold": self.sampling_threshold,
             "backbone": self.hparams.backbone,
             "backbone_config": self.hparams.backbone_config,
             "prediction_type": self.ldm.prediction_type,

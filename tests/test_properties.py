@@ -224,6 +224,7 @@ def _int(value: object, low: int, high: float = 2**16) -> bool:
 FIT_FIELDS: dict[str, object] = {
     "model.strength": lambda v: _finite(v),
     "model.sampling_strength": lambda v: v is None or _finite(v),
+    "model.sampling_threshold": lambda v: _finite(v, 0),
     "model.beta": lambda v: _finite(v, 0, strict=True),
     "model.lambda_reg": lambda v: _finite(v, 0),
     "model.lambda_sft": lambda v: _finite(v, 0),
