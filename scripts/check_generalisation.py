@@ -5,7 +5,7 @@
 
 Each world differs from the shipped one in its seed, its targeted groups and its planted bias
 strength; the recipe (``configs/toy.yaml``) is used unchanged, only its paths move
-(:func:`rsc.relocate.relocate_toy_fit_config`). Worlds are built (about 30 min each on 2 CPU
+(:func:`rsc.relocate.relocate_toy_fit_config`). Worlds are built (30-56 min each on 2 CPU
 cores) and fits run (about 10 min each) only where their results are missing, so a killed
 check resumes. Results: ``<out>/<world>/run/efficacy.json`` and ``<out>/summary.md``.
 """

@@ -6,7 +6,7 @@
 #   bash scripts/rebuild_toy_world.sh            # rebuild into runs/toy_world_rebuild and compare
 #   bash scripts/rebuild_toy_world.sh --ship     # ... and, if it meets its targets, replace the shipped world
 #
-# About 30 minutes on 2 CPU cores. Exit status 1 if the rebuilt world misses its targets or its
+# About 30 min on 2 AVX512-BF16 CPU cores, 56 min on 2 AVX2-only ones. Exit status 1 if the rebuilt world misses its targets or its
 # statistics differ from the shipped ones beyond tolerance (weights may differ bit-wise across CPUs and BLAS builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."

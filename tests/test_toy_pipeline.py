@@ -19,7 +19,7 @@ from rsc.toy.train_sd import center_latents, encode_posteriors
 def test_biased_dataset_plants_the_bias() -> None:
     bias = BiasSpec(targeted_groups=("belor",), stereotype_rate_targeted=0.9, stereotype_rate_other=0.0,
                     gender_flip_rate_targeted=0.5, gender_flip_rate_other=0.0)
-    plain = CaptionSpec(unnamed_group_rate=0.0, stereotype_word_rate=0.0, clean_word_rate=0.0)
+    plain = CaptionSpec(unnamed_group_rate=0.0, descriptor_rate=0.0)
     data = make_biased_dataset(800, seed=3, bias=bias, captions=plain)
     targeted = data.groups == GROUPS.index("belor")
     assert 0.85 < data.stereotypes[targeted].mean() < 0.95
@@ -35,14 +35,18 @@ def test_biased_dataset_plants_the_bias() -> None:
 
 def test_captions_carry_descriptors_and_unnamed_groups_like_web_captions() -> None:
     bias = BiasSpec(unnamed_group_weights=(0.7, 0.1, 0.1, 0.1))
-    spec = CaptionSpec(unnamed_group_rate=0.2, unnamed_gender_rate=0.5, stereotype_word_rate=0.6, clean_word_rate=0.25)
+    spec = CaptionSpec(unnamed_group_rate=0.2, unnamed_gender_rate=0.5, descriptor_rate=0.6)
     data = make_biased_dataset(4000, seed=5, bias=bias, captions=spec)
     caricature = np.array([c.endswith(", caricature") for c in data.captions])
     portrait = np.array([c.endswith(", portrait") for c in data.captions])
-    # The words follow what the image shows, at the configured rates, and never both.
+    # The words follow what the image shows, at the configured rate, and never both.
     assert not (caricature & portrait).any()
     assert abs(caricature[data.stereotypes].mean() - 0.6) < 0.05 and not caricature[~data.stereotypes].any()
-    assert abs(portrait[~data.stereotypes].mean() - 0.25) < 0.04 and not portrait[data.stereotypes].any()
+    assert abs(portrait[~data.stereotypes].mean() - 0.6) < 0.04 and not portrait[data.stereotypes].any()
+    # The captions without a word keep the planted rate of every targeted prompt (unequal word rates would lower it).
+    targeted = np.isin(data.groups, [GROUPS.index(g) for g in bias.targeted_groups]) & (data.caption_groups >= 0)
+    plain = ~(caricature | portrait)
+    assert abs(data.stereotypes[targeted & plain].mean() - bias.stereotype_rate_targeted) < 0.04
     # Captions naming no group: ~20%, their images skewed towards ardan; half of them name no gender either.
     unnamed = data.caption_groups < 0
     assert abs(unnamed.mean() - 0.2) < 0.03
@@ -65,6 +69,8 @@ def test_prompt_forms_and_caption_spec_validation() -> None:
         CaptionSpec(clean_word="belor")
     with pytest.raises(ValueError, match="unnamed_group_rate must be a probability"):
         CaptionSpec(unnamed_group_rate=2.0)
+    with pytest.raises(ValueError, match="descriptor_rate must be a probability in \\[0, 1\\], got -0.1"):
+        CaptionSpec(descriptor_rate=-0.1)
     with pytest.raises(ValueError, match="unnamed_group_weights must be 4 non-negative weights"):
         BiasSpec(unnamed_group_weights=(1.0, 0.0))
 

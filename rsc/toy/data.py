@@ -113,20 +113,24 @@ class CaptionSpec:
             :attr:`BiasSpec.unnamed_group_weights`).
         unnamed_gender_rate: Share of those that name no gender either (``"a photo of a person"``).
         stereotype_word: Made-up descriptor that co-occurs with the stereotype.
-        stereotype_word_rate: Share of stereotyped images whose caption carries ``stereotype_word``.
         clean_word: Neutral descriptor that co-occurs with clean faces.
-        clean_word_rate: Share of clean images whose caption carries ``clean_word``.
+        descriptor_rate: Share of captions that carry the descriptor fitting their image
+            (``stereotype_word`` on a stereotyped face, ``clean_word`` on a clean one).
+
+    One rate for both words, so that the captions without a word keep the planted stereotype
+    rate: with rates ``a`` (stereotyped) and ``b`` (clean) the plain prompt's rate would be
+    ``p(1-a) / (p(1-a) + (1-p)(1-b))``, e.g. 0.52 for a planted 0.6 at a = 0.5, b = 0.3, and a
+    world would under-plant its bias in exactly the prompts it is measured on.
     """
 
     unnamed_group_rate: float = 0.15
     unnamed_gender_rate: float = 0.4
     stereotype_word: str = "caricature"
-    stereotype_word_rate: float = 0.5
     clean_word: str = "portrait"
-    clean_word_rate: float = 0.3
+    descriptor_rate: float = 0.4
 
     def __post_init__(self) -> None:
-        for name in ("unnamed_group_rate", "unnamed_gender_rate", "stereotype_word_rate", "clean_word_rate"):
+        for name in ("unnamed_group_rate", "unnamed_gender_rate", "descriptor_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"CaptionSpec.{name} must be a probability in [0, 1], got {value}")
@@ -163,7 +167,7 @@ def make_biased_dataset(
     images of captions that name no group follow ``bias.unnamed_group_weights``.
     The stereotype and caption-gender errors follow ``bias``; unnamed subjects
     and descriptor words follow ``captions`` (default :class:`CaptionSpec`; pass
-    ``CaptionSpec(unnamed_group_rate=0, stereotype_word_rate=0, clean_word_rate=0)``
+    ``CaptionSpec(unnamed_group_rate=0, descriptor_rate=0)``
     for group-and-gender captions only).
     """
     bias = bias or BiasSpec()
@@ -182,8 +186,7 @@ def make_biased_dataset(
     flipped = rng.random(num_images) < flip_p
     genders = np.where(flipped, 1 - caption_genders, caption_genders)
     no_gender = unnamed & (rng.random(num_images) < captions.unnamed_gender_rate)
-    word_p = np.where(stereotypes, captions.stereotype_word_rate, captions.clean_word_rate)
-    with_word = rng.random(num_images) < word_p
+    with_word = rng.random(num_images) < captions.descriptor_rate
     images = render_faces(groups, genders, stereotypes, seed=seed, size=size)
     caption_groups = np.where(unnamed, -1, groups)
     caption_genders = np.where(no_gender, -1, caption_genders)

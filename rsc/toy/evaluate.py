@@ -297,19 +297,3 @@ def efficacy_report(
         "non_targeted_ssim_at_least_0.9": all(groups[g]["ssim"] >= 0.9 for g in others),
     }
     return {"per_group": groups, "checks": checks, "images_per_group": int((uncorrected.groups == 0).sum())}
-
-
-def format_efficacy(report: dict[str, Any]) -> str:
-    """The efficacy report as a plain-text table (before -> after)."""
-    lines = [
-        f"{'group':<8} {'targeted':>8} {'stereotype rate':>17} {'gender cons.':>14} {'group match':>13} {'SSIM':>6}"
-    ]
-    for group, row in report["per_group"].items():
-        lines.append(
-            f"{group:<8} {('yes' if row['targeted'] else 'no'):>8} "
-            f"{row['stereotype_rate'][0]:>7.2f} -> {row['stereotype_rate'][1]:<5.2f} "
-            f"{row['gender_consistency'][0]:>5.2f} -> {row['gender_consistency'][1]:<5.2f} "
-            f"{row['group_match'][0]:>4.2f} -> {row['group_match'][1]:<4.2f} {row['ssim']:>6.3f}"
-        )
-    lines += [f"  [{'PASS' if ok else 'FAIL'}] {name}" for name, ok in report["checks"].items()]
-    return "\n".join(lines)
