@@ -60,3 +60,23 @@ def test_measure_names_a_missing_attribute() -> None:
     judges = Judges(classifier=classifier)
     with pytest.raises(ValueError, match=r"prompts\[0\]\.group='zorin'"):
         judges.groups([ValidationPrompt("a photo of a zorin", group="zorin")], "evaluate")
+
+
+def test_judging_never_moves_the_judges_batch_norm_statistics() -> None:
+    """A measurement must not depend on what was measured before (the uncorrected images before the corrected ones)."""
+    torch.manual_seed(0)
+    classifier = ToyClassifier(model=ToyAttributeClassifier(ToyClassifierConfig(base_channels=4)))
+    judges = Judges(classifier=classifier)
+    classifier.train()  # what a parent module or a trainer may ask: a judge stays in eval mode
+    assert not any(module.training for module in classifier.modules())
+    prompts = [ValidationPrompt("a photo of a ardan woman", group="ardan", gender="woman"),
+               ValidationPrompt("a photo of a belor man", group="belor", gender="man")]
+    prompt_ids = torch.tensor([0] * 4 + [1] * 4)
+    first, other = torch.rand(8, 3, 64, 64), torch.rand(8, 3, 64, 64) * 0.3
+    before = judges.classifier.predict(first)
+    first_report = measure(judges, prompts, prompt_ids, torch.arange(8), first)
+    measure(judges, prompts, prompt_ids, torch.arange(8), other, baseline=first)
+    judges.features(other)
+    for name, probabilities in judges.classifier.predict(first).items():
+        torch.testing.assert_close(probabilities, before[name], rtol=0, atol=0)
+    assert measure(judges, prompts, prompt_ids, torch.arange(8), first) == first_report

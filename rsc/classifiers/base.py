@@ -37,7 +37,32 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-class AttributeClassifier(nn.Module, ABC):
+def _enter_eval(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a judge: switch to eval mode if something (a constructor, a parent) left it training."""
+    if module.training:
+        module.train(False)
+
+
+class FrozenJudge(nn.Module):
+    """A module that judges images and never trains: it stays in eval mode, whatever is asked.
+
+    Judges wrap networks with batch norm and dropout. In train mode a batch norm layer normalises
+    with the statistics of the batch at hand and folds them into its running statistics, so every
+    later judgement would depend on what was judged before (e.g. corrected images judged by a
+    classifier whose statistics the uncorrected ones had moved). Like :class:`rsc.backbone.FrozenLDM`,
+    ``train(True)`` is ignored, and a forward pass first leaves train mode if a constructor left it on.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_forward_pre_hook(_enter_eval)
+
+    def train(self, mode: bool = True) -> FrozenJudge:
+        """Stay in eval mode whatever is asked (batch norm keeps its running statistics, no dropout)."""
+        return super().train(False)
+
+
+class AttributeClassifier(FrozenJudge, ABC):
     """Images in ``[0, 1]`` -> ``{attribute: (N, K) probabilities}`` over :attr:`labels`."""
 
     @property
@@ -51,20 +76,13 @@ class AttributeClassifier(nn.Module, ABC):
 
     @torch.no_grad()
     def predict(self, images: Tensor, batch_size: int = 64) -> dict[str, Tensor]:
-        """:meth:`forward` in eval mode, without gradients, in batches, on the classifier's device.
-
-        The module's training flag is restored afterwards.
-        """
+        """:meth:`forward` (in eval mode, as always: :class:`FrozenJudge`) without gradients, in batches, on the
+        classifier's device."""
         check_unit_images(images)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        was_training = self.training
-        self.eval()
-        try:
-            device = module_device(self)
-            parts = [self(images[start : start + batch_size].to(device)) for start in range(0, len(images), batch_size)]
-        finally:
-            self.train(was_training)
+        device = module_device(self)
+        parts = [self(images[start : start + batch_size].to(device)) for start in range(0, len(images), batch_size)]
         return {name: torch.cat([part[name] for part in parts]) for name in self.labels}
 
     def label_index(self, attribute: str, label: str) -> int:
@@ -77,7 +95,7 @@ class AttributeClassifier(nn.Module, ABC):
         return names.index(label)
 
 
-class AestheticPredictor(nn.Module, ABC):
+class AestheticPredictor(FrozenJudge, ABC):
     """Images in ``[0, 1]`` -> one quality / aesthetic score per image, higher is better.
 
     A base class rather than a Protocol because LightningCLI (jsonargparse) resolves a

@@ -97,10 +97,5 @@ class ClassifierGuidance(Method):
             sqrt_one_minus = (1 - ldm.alphas_cumprod[timesteps.long()]).sqrt().reshape(-1, 1, 1, 1)
             return noise_pred - self.scale * sqrt_one_minus.to(noise_pred) * gradient.to(noise_pred)
 
-        # Eval mode: batch norm must use (and not update) its running statistics while guiding.
-        was_training = classifier.training
-        classifier.eval()
-        try:
-            return self._sample([p.prompt for p in prompts], seeds, sampling, guidance=guide)
-        finally:
-            classifier.train(was_training)
+        # The classifier is a FrozenJudge: batch norm uses (and never updates) its running statistics while guiding.
+        return self._sample([p.prompt for p in prompts], seeds, sampling, guidance=guide)
