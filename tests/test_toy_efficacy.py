@@ -64,7 +64,7 @@ def test_demo_fit_corrects_the_toy_stereotype(tmp_path: Path) -> None:
             assert row["quality"][1] >= reference["non_targeted_uncorrected_quality"] - QUALITY_FLOOR_BELOW, (key, row["quality"])
             assert row["diversity"][1] >= DIVERSITY_FLOOR * reference["non_targeted_uncorrected_diversity"], (key, row["diversity"])
         elif row["group"] is not None:
-            # Issue 12 wants >= 0.95; the shipped recipe measured 0.955 on its worst prompt (ardan man).
+            # Issue 12 wants >= 0.95; the shipped recipe measured 0.938 on its worst prompt (cyran woman).
             assert row["ssim"] >= NON_TARGETED_SSIM_FLOOR, f"{key}: non-targeted images changed (SSIM {row['ssim']:.3f})"
     assert (efficacy_files[0].parent / "refiner" / "refiner.safetensors").is_file()
 
