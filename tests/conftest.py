@@ -45,3 +45,11 @@ def tiny_prefs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fitting import build_preferences
 
     return build_preferences(tmp_path_factory.mktemp("tiny_prefs") / "prefs")
+
+
+@pytest.fixture(scope="session")
+def micro_world(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """The micro toy world (``ToyWorldConfig.micro()``), built once per session; tests only read it."""
+    from rsc.toy.world import ToyWorldConfig, build_toy_world
+
+    return build_toy_world(tmp_path_factory.mktemp("worlds") / "micro", ToyWorldConfig.micro(), progress=False)

@@ -21,15 +21,9 @@ from rsc.evaluate import main as evaluate_main
 from rsc.export import BackboneMismatchError, ExportInfo, export_refiner
 from rsc.identity import BackboneConfigs
 from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection
-from rsc.toy.world import ToyWorldConfig, build_toy_world
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["none", "negative_prompt", "prompt_addition", "semantic_guidance", "classifier_guidance", "rsc", "finetune_dpo"]
-
-
-@pytest.fixture(scope="module")
-def micro_world(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    return build_toy_world(tmp_path_factory.mktemp("eval_world") / "micro", ToyWorldConfig.micro(), progress=False)
 
 
 def _refiner(ldm: FrozenLDM, folder: Path) -> LatentRefiner:

@@ -13,14 +13,8 @@ from safetensors.torch import load_file
 
 from fitting import fit_config, run_cli, steps_run
 from rsc.fit import main as fit_main
-from rsc.toy.world import ToyWorldConfig, build_toy_world
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def micro_world(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    return build_toy_world(tmp_path_factory.mktemp("fit_world") / "micro", ToyWorldConfig.micro(), progress=False)
 
 
 def _config(world, run_dir: Path, cache: Path, max_epochs: int) -> Path:  # noqa: ANN001
@@ -147,3 +141,18 @@ def test_ddp_run_killed_mid_epoch_resumes_exactly(tiny_sd_dir: Path, tiny_prefs_
     assert sorted(resumed) == sorted(list(range(8, 12)) * 2), "each rank runs steps 8-11 once more, nothing else"
     full_weights, resumed_weights = _refiner(tmp_path / "full"), _refiner(tmp_path / "killed")
     assert all(torch.equal(full_weights[key], resumed_weights[key]) for key in full_weights)
+
+
+def test_demo_refit_records_the_code_it_ran_and_ships(micro_world, tmp_path: Path) -> None:  # noqa: ANN001
+    from rsc.demo import current_fingerprint, is_current, read_fit_record, refit, ship
+
+    config = _config(micro_world, tmp_path / "unused", tmp_path / "cache", max_epochs=1)
+    run = refit(tmp_path / "refit", config, world=micro_world.path)
+    record = read_fit_record(run)
+    assert {"rsc.module", "rsc.losses", "rsc.refiner", "rsc.datamodules.preference"} <= set(record["modules"])
+    assert record["fingerprint"] == current_fingerprint(record["modules"], config, micro_world.path)
+    assert record["world_fingerprint"] == micro_world.manifest["fingerprint"] and record["fit_seconds"] > 0
+    ship(run, tmp_path / "demo")
+    assert is_current(tmp_path / "demo", config, micro_world.path)[0]
+    with pytest.raises(FileExistsError, match="choose a new --out folder"):
+        refit(tmp_path / "refit", config, world=micro_world.path)

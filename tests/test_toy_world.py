@@ -22,11 +22,6 @@ from rsc.toy.manifest import toy_source_hash, world_targets
 from rsc.toy.world import ToyWorldConfig, build_toy_world, load_toy_world
 
 
-@pytest.fixture(scope="module")
-def micro_world(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    return build_toy_world(tmp_path_factory.mktemp("worlds") / "micro", ToyWorldConfig.micro(), progress=False)
-
-
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     pipeline = StableDiffusionPipeline.from_pretrained(path)
     return {f"unet.{k}": v for k, v in pipeline.unet.state_dict().items()} | {
