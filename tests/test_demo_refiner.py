@@ -238,3 +238,15 @@ def test_a_run_with_extra_arguments_cannot_ship(tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match=r"fitted with extra arguments \['--model.strength', '2'\]"):
         ship(_fake_run(tmp_path, None), demo)
     assert not demo.exists()
+
+
+def test_info_command_says_whether_the_shipped_refiner_is_current(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from rsc.demo import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"fingerprint {read_fit_record()['fingerprint']} (current)" in out and "a photo of a dovek woman" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", "--demo", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"{tmp_path / FIT_RECORD} not found" in capsys.readouterr().err
