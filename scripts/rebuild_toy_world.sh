@@ -6,6 +6,9 @@
 #   bash scripts/rebuild_toy_world.sh            # rebuild into runs/toy_world_rebuild and compare
 #   bash scripts/rebuild_toy_world.sh --ship     # ... and, if it meets its targets, replace the shipped world
 #
+# A shipped world with a new fingerprint also makes the shipped demo refiner stale (its fingerprint includes
+# the world's): follow with `bash scripts/refit_demo.sh --ship`.
+#
 # About 30 min on 2 AVX512-BF16 CPU cores, 56 min on 2 AVX2-only ones. Exit status 1 if the rebuilt world misses its targets or its
 # statistics differ from the shipped ones beyond tolerance (weights may differ bit-wise across CPUs and BLAS builds).
 set -euo pipefail
