@@ -52,7 +52,8 @@ DEMO_VERSION = 1
 QUALITY_FLOOR_BELOW = 2.0
 DIVERSITY_FLOOR = 0.6
 NON_TARGETED_SSIM_FLOOR = 0.93
-#: The uncorrected toy SD must show at least this share of the world's planted stereotype rate.
+#: The uncorrected toy SD must show at least this share of the world's planted stereotype rate: the floor the
+#: world's own build checks (``stereotype_floor`` in :func:`rsc.toy.manifest.world_targets`, a local there).
 PLANTED_SHARE = 0.7
 
 #: How far a refit may land from the shipped run (the weights differ bit-wise across CPUs and BLAS builds,
@@ -163,7 +164,7 @@ def is_current(demo_dir: str | os.PathLike[str] = SHIPPED_DEMO_DIR, config_path:
 
 
 # ---------------------------------------------------------------------------------------------- acceptance
-def acceptance_failures(report: dict[str, Any], planted_stereotype_rate: float) -> list[str]:
+def acceptance_failures(report: dict[str, Any], planted_rate: float) -> list[str]:
     """What an efficacy report of the demo misses (empty: accepted).
 
     Met by the recipe (issue 12's targets, every prompt): stereotype <= 0.1x, group match >= 0.95, targeted
@@ -173,9 +174,9 @@ def acceptance_failures(report: dict[str, Any], planted_stereotype_rate: float) 
     failures = []
     groups, prompts, targets, reference = report["per_group"], report["per_prompt"], report["targets"], report["reference"]
     for name, row in groups.items():
-        if row["targeted"] and row["stereotype_rate"][0] < PLANTED_SHARE * planted_stereotype_rate:
+        if row["targeted"] and row["stereotype_rate"][0] < PLANTED_SHARE * planted_rate:
             failures.append(f"{name}: the uncorrected SD shows stereotype rate {row['stereotype_rate'][0]:.3f}, "
-                            f"under {PLANTED_SHARE} x the planted {planted_stereotype_rate}")
+                            f"under {PLANTED_SHARE} x the planted {planted_rate}")
     for name in ("targeted_stereotype_rate_at_most_0.1x", "group_match_at_least_0.95"):
         if not targets[name]["ok"]:
             failures.append(f"target {name} missed: worst {targets[name]['worst_prompt']}, margin {targets[name]['margin']:+.3f}")
@@ -349,10 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(_main, argv, "rsc.demo")
 
 
-def _planted_rate() -> float:
+def planted_stereotype_rate(world: str | os.PathLike[str] | None = None) -> float:
+    """The stereotype rate planted in ``world``'s targeted groups (default: the shipped world)."""
     from rsc.toy.world import SHIPPED_WORLD_DIR, load_toy_world
 
-    return load_toy_world(SHIPPED_WORLD_DIR).manifest["config"]["bias"]["stereotype_rate_targeted"]
+    return load_toy_world(SHIPPED_WORLD_DIR if world is None else world).manifest["config"]["bias"]["stereotype_rate_targeted"]
 
 
 def _main(argv: list[str] | None) -> int:
@@ -385,7 +387,7 @@ def _main(argv: list[str] | None) -> int:
         recorded = json.loads((args.demo / "efficacy.json").read_text())
         report = measure_demo(args.demo)
         print(format_efficacy_report(report))
-        problems = acceptance_failures(report, _planted_rate()) + report_differences(report, recorded, REMEASURE_TOLERANCE)
+        problems = acceptance_failures(report, planted_stereotype_rate()) + report_differences(report, recorded, REMEASURE_TOLERANCE)
         for problem in problems:
             print(f"  [FAIL] {problem}")
         return 1 if problems else 0
@@ -393,7 +395,7 @@ def _main(argv: list[str] | None) -> int:
     run = refit(args.out, args.config, extra_args=extra)
     report = json.loads((run / "efficacy.json").read_text())
     record = read_fit_record(run)
-    failures = acceptance_failures(report, _planted_rate()) + validation_failures(record["validation"], report)
+    failures = acceptance_failures(report, planted_stereotype_rate()) + validation_failures(record["validation"], report)
     shipped = SHIPPED_DEMO_DIR / "efficacy.json"
     differences = report_differences(report, json.loads(shipped.read_text()), REFIT_TOLERANCE) if shipped.is_file() else []
     print(f"\nrefit in {record['fit_seconds']:.0f} s ({record['machine']['cpu']}): {run}")

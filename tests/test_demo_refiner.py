@@ -34,6 +34,7 @@ from rsc.demo import (
     is_current,
     measure_demo,
     module_source_hash,
+    planted_stereotype_rate,
     read_fit_record,
     report_differences,
     ship,
@@ -49,10 +50,6 @@ def shipped_report() -> dict:
     return json.loads((SHIPPED_DEMO_DIR / "efficacy.json").read_text())
 
 
-def _planted_rate() -> float:
-    return load_toy_world(SHIPPED_WORLD_DIR).manifest["config"]["bias"]["stereotype_rate_targeted"]
-
-
 def test_shipped_demo_refiner_is_the_current_demo_fit() -> None:
     current, recorded, now = is_current()
     assert current, (f"the shipped demo refiner (fingerprint {recorded}) is not what configs/toy.yaml fits now ({now}): "
@@ -65,7 +62,7 @@ def test_shipped_demo_refiner_is_the_current_demo_fit() -> None:
 
 
 def test_shipped_demo_refiner_records_an_accepted_fit(shipped_report: dict) -> None:
-    assert acceptance_failures(shipped_report, _planted_rate()) == []
+    assert acceptance_failures(shipped_report, planted_stereotype_rate()) == []
     record = read_fit_record()
     assert validation_failures(record["validation"], shipped_report) == []
     assert record["world_fingerprint"] == load_toy_world(SHIPPED_WORLD_DIR).manifest["fingerprint"]
@@ -75,7 +72,7 @@ def test_shipped_demo_refiner_records_an_accepted_fit(shipped_report: dict) -> N
 def test_shipped_demo_refiner_measured_again_corrects_the_toy_stereotype(shipped_report: dict) -> None:
     # 64 seeds per prompt with and without the refiner, with the current sampler and judges.
     report = measure_demo()
-    assert acceptance_failures(report, _planted_rate()) == []
+    assert acceptance_failures(report, planted_stereotype_rate()) == []
     assert report_differences(report, shipped_report, REMEASURE_TOLERANCE) == []
     targeted = sorted(name for name, row in report["per_group"].items() if row["targeted"])
     assert targeted == sorted(load_toy_world(SHIPPED_WORLD_DIR).targeted_groups)
@@ -102,14 +99,14 @@ def test_acceptance_names_what_a_bad_refiner_gets_wrong(
 ) -> None:
     report = deepcopy(shipped_report)
     report["per_prompt"][prompt][field] = value
-    failures = acceptance_failures(_recomputed(report), _planted_rate())
+    failures = acceptance_failures(_recomputed(report), planted_stereotype_rate())
     assert len(failures) == 1 and named in failures[0], failures
 
 
 def test_acceptance_wants_the_planted_bias_before_correcting(shipped_report: dict) -> None:
     report = deepcopy(shipped_report)
     report["per_group"]["dovek"]["stereotype_rate"][0] = 0.3
-    [failure] = acceptance_failures(report, _planted_rate())
+    [failure] = acceptance_failures(report, planted_stereotype_rate())
     assert failure.startswith("dovek: the uncorrected SD shows stereotype rate 0.300")
 
 
