@@ -103,6 +103,9 @@ def _worker(rank: int, world_size: int, port: int, out: str, clip_dir: str, lpip
     try:
         values = metric_values(rank, world_size, clip_dir, lpips_weights)
         Path(out, f"rank{rank}.json").write_text(json.dumps(values))
+        # A rank that tears gloo down while its peer still talks to it can abort in C++ ("terminate called
+        # without an active exception", seen once in CI): leave together.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
