@@ -28,7 +28,7 @@ from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
 from rsc.hub import backbone_location, check_sd_pipeline_folder, is_hub_offline
 # The sampler depends on FrozenLDM only for type hints, so the dependency runs one way: backbone -> sampling.
-from rsc.sampling import CorrectionFn, SampleOutput, sample
+from rsc.sampling import CorrectionFn, SampleOutput, sample, x0_from_model_output
 
 # The backbone dtypes a config or command line can name.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -299,13 +299,6 @@ class FrozenLDM(nn.Module):
         return self.vae.decode(latents, return_dict=False)[0]
 
     # ------------------------------------------------------------------ diffusion
-    def _alpha_terms(self, timesteps: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        alphas = self.alphas_cumprod.to(like.device)[timesteps.to(like.device).long()]
-        shape = (-1,) + (1,) * (like.ndim - 1)
-        sqrt_alpha = alphas.sqrt().reshape(shape).to(like.dtype)
-        sqrt_one_minus = (1.0 - alphas).sqrt().reshape(shape).to(like.dtype)
-        return sqrt_alpha, sqrt_one_minus
-
     def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """Forward diffusion q(z_t | z_0) of the model's training schedule (per-sample timesteps)."""
         return self.noise_scheduler.add_noise(latents, noise, timesteps.to(latents.device))
@@ -318,12 +311,7 @@ class FrozenLDM(nn.Module):
 
     def x0_from_output(self, noisy_latents: Tensor, timesteps: Tensor, model_output: Tensor) -> Tensor:
         """The clean latent implied by a UNet output at ``noisy_latents`` and ``timesteps``."""
-        if self.prediction_type == "sample":
-            return model_output
-        sqrt_alpha, sqrt_one_minus = self._alpha_terms(timesteps, noisy_latents)
-        if self.prediction_type == "epsilon":
-            return (noisy_latents - sqrt_one_minus * model_output) / sqrt_alpha
-        return sqrt_alpha * noisy_latents - sqrt_one_minus * model_output  # v-prediction
+        return x0_from_model_output(noisy_latents, timesteps, model_output, self.alphas_cumprod, self.prediction_type)
 
     def predict_x0(self, noisy_latents: Tensor, timesteps: Tensor, text_embeddings: Tensor) -> Tensor:
         """x0 implied by the frozen UNet at ``noisy_latents`` (differentiable w.r.t. ``noisy_latents``)."""

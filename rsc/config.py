@@ -19,7 +19,7 @@ def json_value(value: Any) -> Any:
 
 
 class IntegerConfig:
-    """Mixin for dataclass configs whose fields are all positive integers.
+    """Mixin for dataclass configs whose fields are positive integers (and on/off switches typed ``bool``).
 
     ``check_positive_integers`` validates (call it from ``__post_init__``);
     ``to_dict``/``from_dict`` round-trip through JSON, and ``from_dict`` rejects
@@ -27,10 +27,13 @@ class IntegerConfig:
     """
 
     def check_positive_integers(self) -> None:
-        """Raise ValueError naming the first field that is not a positive integer."""
+        """Raise ValueError naming the first field that is not a positive integer (or, typed ``bool``, not a bool)."""
         for item in fields(self):  # type: ignore[arg-type]
             value = getattr(self, item.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if item.type in ("bool", bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{type(self).__name__}.{item.name} must be true or false, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{type(self).__name__}.{item.name} must be a positive integer, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:

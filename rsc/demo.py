@@ -251,7 +251,7 @@ def measure_demo(demo_dir: str | os.PathLike[str] = SHIPPED_DEMO_DIR, world: str
     exported = load_refiner_for(demo_dir / "refiner", BackboneConfigs.from_components(ldm.unet, ldm.text_encoder, ldm.scheduler))
     with torch.no_grad():
         result = toy_efficacy(
-            str(loaded.path), ldm, exported.correction(), exported.info.correction_window,
+            str(loaded.path), ldm, exported.correction(x0_predictor=ldm.predict_x0), exported.info.correction_window,
             samples_per_prompt or recorded["samples_per_prompt"], recorded["first_seed"], recorded["steps"],
             recorded["guidance_scale"],
         )

@@ -44,7 +44,7 @@ from rsc.cli import USER_ERRORS, run_cli
 from rsc.config import json_value
 from rsc.identity import BackboneConfigs
 from rsc.numerics import non_finite_tensors
-from rsc.refiner import CONFIG_NAME, WEIGHTS_NAME, LatentRefiner, RefinerConfig, RefinerCorrection
+from rsc.refiner import CONFIG_NAME, WEIGHTS_NAME, LatentRefiner, RefinerConfig, RefinerCorrection, X0Predictor
 from rsc.signature import compare_weight_signatures, weight_signature_label
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,7 @@ sampler updates the latent, `z_t <- z_t + s * R(z_t, t, c)`, before the UNet see
 | backbone fingerprint (configs) | `{info.backbone_fingerprint}` |
 | backbone weights | signature of {len((info.backbone_weights or {}).get("tensors", {}))} probe tensors (config.json) |
 | latent channels / text width | {config.latent_channels} / {config.text_embedding_dim} |
+| reads the backbone's x0-prediction | {"yes (one more conditional UNet call per corrected step)" if config.x0_input else "no"} |
 | correction window | {start:g} - {end:g} of the trajectory (0 = pure noise) |
 | default strength | {info.strength:g} |
 | dead zone (relative to the latent) | {info.threshold:g} |
@@ -256,11 +257,17 @@ class ExportedRefiner:
     info: ExportInfo
     directory: Path
 
-    def correction(self, strength: float | None = None, threshold: float | None = None) -> RefinerCorrection:
-        """The refiner as a sampler correction (default: the exported strength and dead zone)."""
+    def correction(
+        self, strength: float | None = None, threshold: float | None = None, x0_predictor: X0Predictor | None = None
+    ) -> RefinerCorrection:
+        """The refiner as a sampler correction (default: the exported strength and dead zone).
+
+        ``x0_predictor``: the backbone's x0-prediction (e.g. ``ldm.predict_x0``), needed by a refiner
+        with ``x0_input``.
+        """
         return RefinerCorrection(
             self.refiner, self.info.strength if strength is None else strength,
-            self.info.threshold if threshold is None else threshold,
+            self.info.threshold if threshold is None else threshold, x0_predictor,
         )
 
     @property

@@ -194,7 +194,7 @@ def generate(
     out.mkdir(parents=True, exist_ok=True)
     kwargs = dict(steps=steps, guidance_scale=guidance, scheduler=scheduler, negative_prompt=negative_prompt,
                   batch_size=batch_size, progress=False)
-    correction = exported.correction(strength)
+    correction = exported.correction(strength, x0_predictor=ldm.predict_x0)
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="generating", unit="image", disable=not progress)
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]

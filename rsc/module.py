@@ -31,6 +31,8 @@ class RSCorrector(L.LightningModule):
         num_blocks: Refiner residual blocks.
         embedding_dim: Refiner conditioning width.
         norm_groups: Refiner GroupNorm groups.
+        x0_input: The refiner also reads the frozen model's x0-prediction at z_t
+            (:class:`rsc.refiner.RefinerConfig`); training gets it free from the reference term.
         correction_window: Fractions (start, end) of the sampling trajectory that are corrected
             (0 = pure noise); training draws timesteps from the same window.
         strength: s in ``z_t + s * R(z_t, t, c)`` at training time, and at sampling time unless
@@ -67,6 +69,7 @@ class RSCorrector(L.LightningModule):
         num_blocks: int = 4,
         embedding_dim: int = 256,
         norm_groups: int = 32,
+        x0_input: bool = False,
         correction_window: tuple[float, float] = (0.0, 0.5),
         strength: float = 1.0,
         sampling_strength: float | None = None,
@@ -111,6 +114,7 @@ class RSCorrector(L.LightningModule):
                 num_blocks=num_blocks,
                 embedding_dim=embedding_dim,
                 norm_groups=norm_groups,
+                x0_input=x0_input,
             )
         )
         # A compiled *function*, not a module attribute: a second module reference would
@@ -146,10 +150,14 @@ class RSCorrector(L.LightningModule):
         clean = torch.cat([winners, losers])
         timesteps, text = torch.cat([timesteps, timesteps]), torch.cat([text, text])
         noisy = self.ldm.add_noise(clean, torch.cat([noise, noise]), timesteps)
-        delta = self._refiner_forward(noisy, timesteps, text)
-        policy = per_sample_error(clean, self.ldm.predict_x0(noisy + self.hparams.strength * delta, timesteps, text))
         with torch.no_grad():
-            reference = per_sample_error(clean, self.ldm.predict_x0(noisy, timesteps, text))
+            reference_x0 = self.ldm.predict_x0(noisy, timesteps, text)
+        if self.refiner.config.x0_input:
+            delta = self._refiner_forward(noisy, timesteps, text, reference_x0)
+        else:
+            delta = self._refiner_forward(noisy, timesteps, text)
+        policy = per_sample_error(clean, self.ldm.predict_x0(noisy + self.hparams.strength * delta, timesteps, text))
+        reference = per_sample_error(clean, reference_x0)
         output = self.loss_fn(
             policy[:pairs], reference[:pairs], policy[pairs:], reference[pairs:], delta, winner_refiner_output=delta[:pairs]
         )
@@ -269,7 +277,8 @@ class RSCorrector(L.LightningModule):
     def correction(self, strength: float | None = None) -> RefinerCorrection:
         """The trained refiner as a sampler correction (default: :attr:`sampling_strength`)."""
         return RefinerCorrection(
-            self.refiner, self.sampling_strength if strength is None else strength, self.sampling_threshold
+            self.refiner, self.sampling_strength if strength is None else strength, self.sampling_threshold,
+            x0_predictor=self.ldm.predict_x0,
         )
 
     def export_config(self) -> dict[str, Any]:

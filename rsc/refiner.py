@@ -3,7 +3,8 @@
 A small residual conv net at the latent resolution, conditioned on the
 timestep (sinusoidal embedding + MLP) and on the prompt (attention-pooled
 token embeddings, projected), both injected into every block as a FiLM scale
-and shift. Its output convolution starts at zero, so an untrained refiner is the
+and shift. With ``x0_input`` it also reads the frozen model's x0-prediction at
+z_t (the image the trajectory is heading to). Its output convolution starts at zero, so an untrained refiner is the
 identity correction. Saved as ``refiner.safetensors`` + ``config.json``.
 
 Why not a diffusers ``ModelMixin`` + ``ConfigMixin``: their ``save_pretrained``
@@ -24,7 +25,7 @@ import json
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -53,6 +54,11 @@ class RefinerConfig(IntegerConfig):
         num_blocks: Number of residual blocks.
         embedding_dim: Width of the timestep/prompt conditioning vector.
         norm_groups: GroupNorm groups in the blocks.
+        x0_input: Also read the frozen model's conditional x0-prediction at z_t, as ``latent_channels``
+            more input channels. Early in a trajectory z_t is mostly noise, while the x0-prediction
+            already shows the face it is heading to, stereotyped or not: the refiner can tell the two
+            apart there and leave clean trajectories alone. Training computes that prediction anyway
+            (the reference term); sampling costs one more conditional UNet call per corrected step.
     """
 
     latent_channels: int = 4
@@ -61,12 +67,13 @@ class RefinerConfig(IntegerConfig):
     num_blocks: int = 4
     embedding_dim: int = 256
     norm_groups: int = 32
+    x0_input: bool = False
 
     def __post_init__(self) -> None:
         self.check_positive_integers()
         for item in fields(self):
             # A typo such as 1e9 fails here, named, instead of as an allocation error deep in torch.
-            if getattr(self, item.name) > MAX_REFINER_WIDTH:
+            if not isinstance(getattr(self, item.name), bool) and getattr(self, item.name) > MAX_REFINER_WIDTH:
                 raise ValueError(
                     f"RefinerConfig.{item.name} must be <= {MAX_REFINER_WIDTH}, got {getattr(self, item.name)!r}"
                 )
@@ -93,6 +100,10 @@ class _FiLMResBlock(nn.Module):
         return x + self.conv2(self.act(h))
 
 
+#: ``x0_predictor(z_t, t, c)``: the frozen model's x0-prediction, e.g. :meth:`rsc.backbone.FrozenLDM.predict_x0`.
+X0Predictor = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
 class LatentRefiner(nn.Module):
     """R_theta(z_t, t, c): a latent-code correction of z_t's shape.
 
@@ -115,7 +126,8 @@ class LatentRefiner(nn.Module):
         self.text_projection = nn.Sequential(
             nn.LayerNorm(c.text_embedding_dim), nn.Linear(c.text_embedding_dim, c.embedding_dim)
         )
-        self.conv_in = nn.Conv2d(c.latent_channels, c.hidden_channels, 3, padding=1)
+        in_channels = 2 * c.latent_channels if c.x0_input else c.latent_channels
+        self.conv_in = nn.Conv2d(in_channels, c.hidden_channels, 3, padding=1)
         self.blocks = nn.ModuleList(
             [_FiLMResBlock(c.hidden_channels, c.embedding_dim, c.norm_groups) for _ in range(c.num_blocks)]
         )
@@ -125,11 +137,27 @@ class LatentRefiner(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, latents: Tensor, timesteps: Tensor, text_embeddings: Tensor) -> Tensor:
-        """The correction delta for ``latents`` (B, C, h, w) at ``timesteps`` (B,) given token embeddings (B, L, D)."""
+    def forward(
+        self, latents: Tensor, timesteps: Tensor, text_embeddings: Tensor, x0_prediction: Tensor | None = None
+    ) -> Tensor:
+        """The correction delta for ``latents`` (B, C, h, w) at ``timesteps`` (B,) given token embeddings (B, L, D).
+
+        ``x0_prediction`` (the frozen model's, of ``latents``' shape) is required when ``config.x0_input``
+        and refused otherwise.
+        """
         if latents.ndim != 4 or latents.shape[1] != self.config.latent_channels:
             raise ValueError(
                 f"latents must be (B, {self.config.latent_channels}, h, w), got {tuple(latents.shape)}"
+            )
+        if self.config.x0_input != (x0_prediction is not None):
+            raise ValueError(
+                "this refiner reads the frozen model's x0-prediction (x0_input=True): pass x0_prediction"
+                if self.config.x0_input
+                else "this refiner was built without x0_input, so it takes no x0_prediction"
+            )
+        if x0_prediction is not None and x0_prediction.shape != latents.shape:
+            raise ValueError(
+                f"x0_prediction must have the latents' shape {tuple(latents.shape)}, got {tuple(x0_prediction.shape)}"
             )
         if text_embeddings.ndim != 3 or text_embeddings.shape[-1] != self.config.text_embedding_dim:
             raise ValueError(
@@ -140,7 +168,8 @@ class LatentRefiner(nn.Module):
         embedding = self.time_embedding(self.time_proj(timesteps.to(latents.device)).to(dtype))
         embedding = embedding + self.text_projection(self.pool_text(text_embeddings.to(dtype)))
         embedding = nn.functional.silu(embedding)
-        h = self.conv_in(latents.to(dtype))
+        inputs = latents if x0_prediction is None else torch.cat([latents, x0_prediction.to(latents.dtype)], dim=1)
+        h = self.conv_in(inputs.to(dtype))
         for block in self.blocks:
             h = block(h, embedding)
         return self.conv_out(nn.functional.silu(self.norm_out(h))).to(latents.dtype)
@@ -182,17 +211,35 @@ class RefinerCorrection:
     whatever the prompt) on top of the large update it gives the stereotyped prompts (11-14% at the
     first corrected step); the floor only blurs and changes the images of fairly treated prompts.
     ``threshold=0`` is the plain update.
+
+    A refiner with ``x0_input`` needs ``x0_predictor``, the frozen model's conditional
+    x0-prediction (:meth:`rsc.backbone.FrozenLDM.predict_x0`; the diffusers frontend builds one from a
+    pipeline's UNet); for other refiners it is not called.
     """
 
-    def __init__(self, refiner: LatentRefiner, strength: float = 1.0, threshold: float = 0.0) -> None:
+    def __init__(
+        self, refiner: LatentRefiner, strength: float = 1.0, threshold: float = 0.0,
+        x0_predictor: X0Predictor | None = None,
+    ) -> None:
         if not threshold >= 0:
             raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+        self.reads_x0 = bool(getattr(getattr(refiner, "config", None), "x0_input", False))
+        if self.reads_x0 and x0_predictor is None:
+            raise ValueError(
+                "this refiner reads the frozen model's x0-prediction (x0_input=True): pass "
+                "x0_predictor, e.g. RefinerCorrection(refiner, x0_predictor=ldm.predict_x0)"
+            )
         self.refiner, self.strength, self.threshold = refiner, strength, threshold
+        self.x0_predictor = x0_predictor
 
     @torch.no_grad()
     def __call__(self, latents: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
         """Corrected latents."""
-        delta = self.refiner(latents, timesteps, cond)
+        if self.reads_x0:
+            assert self.x0_predictor is not None  # checked in __init__
+            delta = self.refiner(latents, timesteps, cond, self.x0_predictor(latents, timesteps, cond))
+        else:
+            delta = self.refiner(latents, timesteps, cond)
         if self.threshold > 0:
             delta = shrink_relative(delta, latents, self.threshold)
         return latents + self.strength * delta

@@ -133,6 +133,27 @@ def make_scheduler(reference: SchedulerMixin, scheduler: SchedulerMixin | str | 
     return type(scheduler).from_config(scheduler.config)
 
 
+def x0_from_model_output(
+    noisy_latents: Tensor, timesteps: Tensor, model_output: Tensor, alphas_cumprod: Tensor, prediction_type: str
+) -> Tensor:
+    """The clean latent implied by a UNet output (epsilon, v or sample) at ``noisy_latents`` and ``timesteps``.
+
+    ``alphas_cumprod`` is the training schedule's (a scheduler's ``alphas_cumprod``). Shared by
+    :class:`rsc.backbone.FrozenLDM` and the diffusers frontend, so both compute the same numbers.
+    """
+    if prediction_type == "sample":
+        return model_output
+    alphas = alphas_cumprod.to(noisy_latents.device)[timesteps.to(noisy_latents.device).long()]
+    shape = (-1,) + (1,) * (noisy_latents.ndim - 1)
+    sqrt_alpha = alphas.sqrt().reshape(shape).to(noisy_latents.dtype)
+    sqrt_one_minus = (1.0 - alphas).sqrt().reshape(shape).to(noisy_latents.dtype)
+    if prediction_type == "epsilon":
+        return (noisy_latents - sqrt_one_minus * model_output) / sqrt_alpha
+    if prediction_type == "v_prediction":
+        return sqrt_alpha * noisy_latents - sqrt_one_minus * model_output
+    raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
+
+
 def correct_latents(
     scheduler: SchedulerMixin, correction: CorrectionFn, latents: Tensor, timestep: Tensor, cond: Tensor
 ) -> Tensor:

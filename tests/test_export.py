@@ -113,7 +113,7 @@ def test_cli_export_round_trip(trained: dict[str, Path], tiny_sd_dir: Path, pipe
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == {
         "latent_channels": 4, "text_embedding_dim": 32, "hidden_channels": 16, "num_blocks": 1,
-        "embedding_dim": 16, "norm_groups": 4,
+        "embedding_dim": 16, "norm_groups": 4, "x0_input": False,
     }
     assert config["format"] == "rsc-refiner" and config["format_version"] == 1
     card = (out / "README.md").read_text()

@@ -95,6 +95,44 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
         LatentRefiner.from_pretrained(tmp_path / "missing")
 
 
+def test_an_x0_input_refiner_reads_the_prediction_it_is_given_and_saves_the_switch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    refiner = LatentRefiner(RefinerConfig(text_embedding_dim=32, hidden_channels=16, num_blocks=1, embedding_dim=16,
+                                          norm_groups=4, x0_input=True))
+    assert refiner.conv_in.in_channels == 8
+    torch.nn.init.normal_(refiner.conv_out.weight, std=0.1)
+    latents, t, text = torch.randn(2, 4, 8, 8), torch.tensor([300, 800]), torch.randn(2, 5, 32)
+    x0 = torch.randn(2, 4, 8, 8)
+    delta = refiner(latents, t, text, x0)
+    assert (refiner(latents, t, text, -x0) - delta).abs().max() > 1e-3, "the x0-prediction must reach the output"
+    with pytest.raises(ValueError, match="x0_input=True.*pass x0_prediction"):
+        refiner(latents, t, text)
+    with pytest.raises(ValueError, match=r"x0_prediction must have the latents' shape \(2, 4, 8, 8\), got \(2, 4, 4, 4\)"):
+        refiner(latents, t, text, x0[..., :4, :4])
+    with pytest.raises(ValueError, match="built without x0_input"):
+        _small_refiner()(latents, t, text, x0)
+
+    # The correction asks its predictor for x0 at the latents it corrects, with the same t and prompt.
+    seen = []
+
+    def predictor(z: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        seen.append((z, timesteps, cond))
+        return x0
+
+    corrected = RefinerCorrection(refiner, strength=2.0, x0_predictor=predictor)(latents, t, text)
+    torch.testing.assert_close(corrected, latents + 2.0 * delta)
+    assert len(seen) == 1 and all(torch.equal(a, b) for a, b in zip(seen[0], (latents, t, text)))
+    with pytest.raises(ValueError, match="pass x0_predictor"):
+        RefinerCorrection(refiner)
+
+    refiner.save_pretrained(tmp_path)
+    loaded = LatentRefiner.from_pretrained(tmp_path)
+    assert loaded.config.x0_input is True
+    torch.testing.assert_close(loaded(latents, t, text, x0), delta, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="RefinerConfig.x0_input must be true or false, got 1"):
+        RefinerConfig(x0_input=1)  # type: ignore[arg-type]
+
+
 def test_refiner_is_below_three_percent_of_sd15_unet() -> None:
     with torch.device("meta"):
         unet_parameters = sum(p.numel() for p in UNet2DConditionModel(**sd15_unet_config()).parameters())

@@ -14,9 +14,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from rsc.backbone import FrozenLDM
-from rsc.export import main as export_main
+from rsc.export import ExportInfo, export_refiner, main as export_main, refiner_from_checkpoint
+from rsc.identity import BackboneConfigs
 from rsc.fit import main as fit_main
-from rsc.frontends.diffusers import RefinerCallback
+from rsc.frontends.diffusers import RefinerCallback, UNetX0Predictor
 from rsc.module import RSCorrector
 from rsc.sampling import make_scheduler, sample
 from test_frontend_diffusers import PROMPTS, SEEDS, STEPS, _pipeline_images
@@ -103,6 +104,47 @@ def test_v_prediction_fit_export_and_diffusers_callback_equal_rsc_sampler(
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
     plain = sample(ldm, PROMPTS, SEEDS, steps=STEPS, guidance_scale=7.5, scheduler="DDIMScheduler", progress=False).images
     assert (ours - plain).abs().mean() > 1e-3, "the trained correction must change the images, or parity proves nothing"
+
+
+def test_x0_input_refiner_reads_the_reference_prediction_and_the_diffusers_callback_matches(
+    tiny_sd_dir: Path, tmp_path: Path
+) -> None:
+    """Training feeds the refiner the frozen model's x0 at z_t; sampling, the export and diffusers recompute the same."""
+    torch.manual_seed(0)
+    module = RSCorrector(str(tiny_sd_dir), **TINY_REFINER, x0_input=True, correction_window=(0.0, 0.5))
+    for parameter in module.refiner.parameters():  # conv_out starts at zero: make the x0 channels matter
+        torch.nn.init.normal_(parameter, std=0.1)
+    batch, (timesteps, noise) = _batch(module.ldm)
+    _, delta = module.pair_step(batch, draws=(timesteps, noise))
+    clean = torch.cat([batch["anti_stereotypical_latents"], batch["stereotypical_latents"]])
+    t, text = torch.cat([timesteps, timesteps]), torch.cat([batch["prompt_embeds"]] * 2)
+    noisy = module.ldm.add_noise(clean, torch.cat([noise, noise]), t)
+    with torch.no_grad():
+        expected = module.refiner(noisy, t, text, module.ldm.predict_x0(noisy, t, text))
+        blind = module.refiner(noisy, t, text, torch.zeros_like(noisy))
+    torch.testing.assert_close(delta, expected, rtol=0, atol=0)
+    assert (blind - expected).abs().max() > 1e-3, "a refiner that ignored x0 would pass the equality above"
+
+    # Through a checkpoint (the switch comes from the hyper-parameters) and the export format to diffusers.
+    checkpoint = {"hyper_parameters": dict(module.hparams),
+                  "state_dict": {f"refiner.{key}": value for key, value in module.refiner.state_dict().items()}}
+    configs = BackboneConfigs.from_source(tiny_sd_dir)
+    export = export_refiner(refiner_from_checkpoint(checkpoint, configs), tmp_path / "export",
+                            ExportInfo.from_training(module.export_config(), configs))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler(module.ldm.scheduler, "EulerDiscreteScheduler")  # a rescaled latent too
+    callback = RefinerCallback.from_pretrained(export, pipe)
+    assert callback.refiner.config.x0_input and isinstance(callback.x0_predictor, UNetX0Predictor)
+    ours = _pipeline_images(pipe, callback, 7.5)
+    expected_images = sample(module.ldm, PROMPTS, SEEDS, steps=STEPS, guidance_scale=7.5, scheduler="EulerDiscreteScheduler",
+                             correction=module.correction(), correction_window=(0.0, 0.5), progress=False).images
+    torch.testing.assert_close(ours, expected_images, atol=1e-5, rtol=0)
+    plain = sample(module.ldm, PROMPTS, SEEDS, steps=STEPS, guidance_scale=7.5, scheduler="EulerDiscreteScheduler",
+                   progress=False).images
+    assert (ours - plain).abs().mean() > 1e-3, "the correction must change the images, or parity proves nothing"
+    with pytest.raises(ValueError, match="UNetX0Predictor"):
+        RefinerCallback(module.refiner, (0.0, 0.5))
 
 
 def _batch(ldm: FrozenLDM, pairs: int = 2) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:

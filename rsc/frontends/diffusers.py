@@ -37,8 +37,27 @@ from torch import Tensor
 
 from rsc.export import load_refiner_for
 from rsc.identity import BackboneConfigs
-from rsc.refiner import LatentRefiner, RefinerCorrection
-from rsc.sampling import correct_latents, correction_step_indices, correction_timestep_indices
+from rsc.refiner import LatentRefiner, RefinerCorrection, X0Predictor
+from rsc.sampling import correct_latents, correction_step_indices, correction_timestep_indices, x0_from_model_output
+
+
+class UNetX0Predictor:
+    """The conditional x0-prediction of a pipeline's UNet under its scheduler's training schedule.
+
+    What a refiner with ``x0_input`` reads; the same numbers as :meth:`rsc.backbone.FrozenLDM.predict_x0`
+    for the same UNet and schedule.
+    """
+
+    def __init__(self, unet: Any, scheduler: Any) -> None:
+        self.unet = unet
+        self.alphas_cumprod = scheduler.alphas_cumprod.clone().float()
+        self.prediction_type = str(scheduler.config.prediction_type)
+
+    @torch.no_grad()
+    def __call__(self, latents: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
+        """x0 implied by the UNet at ``latents`` (DDPM form), ``timesteps`` (B,) and text embeddings ``cond``."""
+        output = self.unet(latents.to(self.unet.dtype), timesteps, encoder_hidden_states=cond.to(self.unet.dtype)).sample
+        return x0_from_model_output(latents, timesteps, output.to(latents.dtype), self.alphas_cumprod, self.prediction_type)
 
 
 class RefinerCallback(PipelineCallback):
@@ -63,13 +82,15 @@ class RefinerCallback(PipelineCallback):
         correction_window: Fractions (start, end) of the trajectory to correct (0 = pure noise).
         strength: Correction strength s.
         threshold: Dead zone of the update relative to the latent's norm (:class:`rsc.refiner.RefinerCorrection`).
+        x0_predictor: The backbone's conditional x0-prediction, for a refiner with ``x0_input``
+            (:class:`UNetX0Predictor` of the pipeline's UNet and scheduler; :meth:`from_pretrained` builds it).
     """
 
     tensor_inputs = ["latents", "prompt_embeds"]
 
     def __init__(
         self, refiner: LatentRefiner, correction_window: Sequence[float] = (0.0, 1.0), strength: float = 1.0,
-        threshold: float = 0.0,
+        threshold: float = 0.0, x0_predictor: X0Predictor | None = None,
     ) -> None:
         super().__init__()
         start, end = (float(edge) for edge in correction_window)
@@ -78,6 +99,12 @@ class RefinerCallback(PipelineCallback):
         self.correction_window = (start, end)
         self.strength = float(strength)
         self.threshold = float(threshold)
+        if refiner.config.x0_input and x0_predictor is None:
+            raise ValueError(
+                "this refiner reads the backbone's x0-prediction (x0_input=True): load it with "
+                "RefinerCallback.from_pretrained(folder, pipe), or pass x0_predictor=UNetX0Predictor(pipe.unet, pipe.scheduler)"
+            )
+        self.x0_predictor = x0_predictor
         self._initial_corrected = False
 
     @classmethod
@@ -99,13 +126,13 @@ class RefinerCallback(PipelineCallback):
         exported = load_refiner_for(directory, backbone, allow_mismatch=allow_mismatch, device=pipeline.device)
         return cls(
             exported.refiner, exported.info.correction_window, exported.info.strength if strength is None else strength,
-            exported.info.threshold,
+            exported.info.threshold, UNetX0Predictor(pipeline.unet, pipeline.scheduler),
         )
 
     @property
     def correction(self) -> RefinerCorrection:
         """The update as an rsc sampler correction."""
-        return RefinerCorrection(self.refiner, self.strength, self.threshold)
+        return RefinerCorrection(self.refiner, self.strength, self.threshold, self.x0_predictor)
 
     def corrected_steps(self, num_inference_steps: int) -> list[int]:
         """Indices of the corrected steps of a ``num_inference_steps`` schedule."""
