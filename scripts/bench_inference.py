@@ -6,8 +6,10 @@ weights on small latents, with the default SD 1.x refiner) it runs rsc's
 sampler on the same prompts, seeds, steps, guidance and batch:
 
 * ``plain``: no correction;
-* ``corrected``: the refiner inside the training window (the toy demo's 0-0.3; 0-0.5 for SD 1.5);
-* ``corrected, full window``: the refiner at every step, the worst case.
+* ``corrected``: the refiner inside the training window (the toy demo's 0.1-0.5; 0-0.5 for SD 1.5);
+* ``corrected, full window``: the refiner at every step, the worst case;
+* ``x0-reading``: a refiner with ``x0_input`` inside the training window (one more
+  conditional UNet call per corrected step, for the frozen model's x0-prediction).
 
 Repeats are interleaved (plain, corrected, full, plain, ...) after a warm-up
 run of each; the median and the fastest run are reported. On a CPU the
@@ -31,6 +33,7 @@ import ctypes
 import gc
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -93,23 +96,27 @@ def random_refiner(config: RefinerConfig, device: torch.device, dtype: torch.dty
     return refiner.to(device, dtype).eval()
 
 
-def bench(name: str, ldm: FrozenLDM, refiner: LatentRefiner, window: tuple[float, float], args: argparse.Namespace) -> None:
-    """Time and measure the three workloads interleaved and print one block of results."""
+def bench(name: str, ldm: FrozenLDM, config: RefinerConfig, window: tuple[float, float], args: argparse.Namespace) -> None:
+    """Time and measure the four workloads interleaved and print one block of results."""
     device = ldm.device
     prompts = ["a photo of a doctor"] * args.batch
     seeds = list(range(args.batch))
+    refiner = random_refiner(config, device, ldm.dtype)
     correction = RefinerCorrection(refiner, 1.0)
+    x0_correction = RefinerCorrection(random_refiner(replace(config, x0_input=True), device, ldm.dtype), 1.0,
+                                      x0_predictor=ldm.predict_x0)
 
-    def run(correction_window: tuple[float, float] | None) -> Callable[[], object]:
+    def run(correction_window: tuple[float, float] | None, chosen: RefinerCorrection = correction) -> Callable[[], object]:
         return lambda: sample(
             ldm, prompts, seeds, steps=args.steps, guidance_scale=7.5, batch_size=args.batch, progress=False,
-            correction=None if correction_window is None else correction, correction_window=correction_window or (0.0, 1.0),
+            correction=None if correction_window is None else chosen, correction_window=correction_window or (0.0, 1.0),
         )
 
     workloads = {
         "plain": run(None),
         f"corrected {window[0]:g}-{window[1]:g}": run(window),
         "corrected 0-1 (every step)": run((0.0, 1.0)),
+        f"x0-reading {window[0]:g}-{window[1]:g}": run(window, x0_correction),
     }
     # On a CPU, this process's CPU time: wall time on a shared machine measures the other jobs too.
     clock = time.process_time if device.type == "cpu" else time.perf_counter
@@ -145,19 +152,15 @@ def main() -> None:
     print(f"device {device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}")
 
     toy = FrozenLDM.from_pretrained(TOY_SD, dtype=dtype, device=device)
-    toy_refiner = random_refiner(
-        RefinerConfig(latent_channels=toy.latent_channels, text_embedding_dim=toy.text_embedding_dim,
-                      hidden_channels=64, num_blocks=3, embedding_dim=128, norm_groups=16),  # configs/toy.yaml
-        device, dtype,
-    )
+    toy_refiner = RefinerConfig(latent_channels=toy.latent_channels, text_embedding_dim=toy.text_embedding_dim,
+                                hidden_channels=64, num_blocks=3, embedding_dim=128, norm_groups=16)  # configs/toy.yaml
     toy_args = argparse.Namespace(**{**vars(args), "steps": args.toy_steps})
-    bench("toy SD", toy, toy_refiner, (0.0, 0.3), toy_args)
+    bench("toy SD", toy, toy_refiner, (0.1, 0.5), toy_args)
     if args.skip_sd15:
         return
     spec = RandomSDSpec(num_merges=1000, text_hidden_size=768, unet=sd15_unet_config(args.sd15_latent))
     sd15 = FrozenLDM.from_pipeline(build_random_sd(spec)).to(device, dtype)
-    bench("SD 1.5 UNet (random weights; tiny VAE and text encoder)", sd15, random_refiner(RefinerConfig(), device, dtype),
-          (0.0, 0.5), args)
+    bench("SD 1.5 UNet (random weights; tiny VAE and text encoder)", sd15, RefinerConfig(), (0.0, 0.5), args)
 
 
 if __name__ == "__main__":

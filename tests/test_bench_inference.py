@@ -40,10 +40,10 @@ def test_cpu_peak_memory_sees_each_call_alone(bench) -> None:  # noqa: ANN001
     assert memory.measure(lambda: None) < 4 * mib
 
 
-def test_script_prints_the_three_workloads(bench, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+def test_script_prints_the_four_workloads(bench, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
     monkeypatch.setattr(sys, "argv", ["bench_inference.py", "--skip-sd15", "--toy-steps", "2", "--repeats", "1",
                                       "--batch", "1", "--device", "cpu"])
     bench.main()
     lines = [line for line in capsys.readouterr().out.splitlines() if "/image" in line]
-    assert [line.split()[0] for line in lines] == ["plain", "corrected", "corrected"]
+    assert [line.split()[0] for line in lines] == ["plain", "corrected", "corrected", "x0-reading"]
     assert "(ratio 1.000)" in lines[0] and all("peak" in line and "MiB" in line for line in lines)

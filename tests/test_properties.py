@@ -241,6 +241,7 @@ FIT_FIELDS: dict[str, object] = {
     "model.num_blocks": lambda v: _int(v, 1),
     "model.embedding_dim": lambda v: _int(v, 1),
     "model.backbone_dtype": lambda v: v in {"float32", "float16", "bfloat16"},
+    "model.x0_input": lambda v: isinstance(v, bool),
     "data.batch_size": lambda v: _int(v, 1, math.inf),
     "data.encode_batch_size": lambda v: _int(v, 1, math.inf),
     "data.num_workers": lambda v: _int(v, 0, math.inf),
@@ -252,7 +253,7 @@ FIT_VALUE_TEXT = st.one_of(
     st.integers(2**62, 2**65).map(str),
     st.floats().map(repr),  # nan, inf, 1e+308, -0.0 ...
     st.text(max_size=6),
-    st.sampled_from(["true", "null", "[]", "[0.1, 0.5]", "[0.5, 0.1]", "[0, 1]", "[0.2]", "{}", "float16", "validation"]),
+    st.sampled_from(["true", "false", "yes", "null", "[]", "[0.1, 0.5]", "[0.5, 0.1]", "[0, 1]", "[0.2]", "{}", "float16", "validation"]),
 )
 
 
