@@ -4,8 +4,9 @@ A small residual conv net at the latent resolution, conditioned on the
 timestep (sinusoidal embedding + MLP) and on the prompt (attention-pooled
 token embeddings, projected), both injected into every block as a FiLM scale
 and shift. With ``x0_input`` it also reads the frozen model's x0-prediction at
-z_t (the image the trajectory is heading to). Its output convolution starts at zero, so an untrained refiner is the
-identity correction. Saved as ``refiner.safetensors`` + ``config.json``.
+z_t (the image the trajectory is heading to). Its output convolution starts at
+zero, so an untrained refiner is the identity correction. Saved as
+``refiner.safetensors`` + ``config.json``.
 
 Why not a diffusers ``ModelMixin`` + ``ConfigMixin``: their ``save_pretrained``
 writes ``diffusion_pytorch_model.safetensors`` and a flat ``config.json``,
