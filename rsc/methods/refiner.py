@@ -71,5 +71,6 @@ class RefinerMethod(Method):
     def render(self, prompts: Sequence[ValidationPrompt], seeds: Sequence[int], sampling: SamplingSettings) -> Tensor:
         """Corrected images."""
         exported = self.exported
-        return self._sample([p.prompt for p in prompts], seeds, sampling, correction=exported.correction(self.strength, self.threshold, self.context.ldm.predict_x0),
+        correction = exported.correction(self.strength, self.threshold, self.context.ldm.predict_x0)
+        return self._sample([p.prompt for p in prompts], seeds, sampling, correction=correction,
                             correction_window=exported.info.correction_window)
