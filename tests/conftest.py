@@ -53,3 +53,13 @@ def micro_world(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     from rsc.toy.world import ToyWorldConfig, build_toy_world
 
     return build_toy_world(tmp_path_factory.mktemp("worlds") / "micro", ToyWorldConfig.micro(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def shipped_demo_measured() -> dict:
+    """The shipped demo refiner's efficacy report measured again (rsc.demo.measure_demo: 64 seeds per prompt with
+    and without the refiner, about 2 min on 2 cores). Its uncorrected half samples exactly the shipped world's
+    evaluation (same seeds, steps and guidance), so the world's tests read it too instead of sampling again."""
+    from rsc.demo import measure_demo
+
+    return measure_demo()

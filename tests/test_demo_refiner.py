@@ -32,7 +32,6 @@ from rsc.demo import (
     demo_fingerprint,
     fit_modules,
     is_current,
-    measure_demo,
     module_source_hash,
     planted_stereotype_rate,
     read_fit_record,
@@ -69,9 +68,10 @@ def test_shipped_demo_refiner_records_an_accepted_fit(shipped_report: dict) -> N
 
 
 @pytest.mark.slow
-def test_shipped_demo_refiner_measured_again_corrects_the_toy_stereotype(shipped_report: dict) -> None:
+def test_shipped_demo_refiner_measured_again_corrects_the_toy_stereotype(shipped_report: dict,
+                                                                          shipped_demo_measured: dict) -> None:
     # 64 seeds per prompt with and without the refiner, with the current sampler and judges.
-    report = measure_demo()
+    report = shipped_demo_measured
     assert acceptance_failures(report, planted_stereotype_rate()) == []
     assert report_differences(report, shipped_report, REMEASURE_TOLERANCE) == []
     targeted = sorted(name for name, row in report["per_group"].items() if row["targeted"])
