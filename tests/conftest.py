@@ -36,7 +36,9 @@ def tiny_sd_v_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _fixed_threads() -> None:
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # Under pytest-xdist the cores are shared among the workers: more threads than cores only thrash.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
 
 
 @pytest.fixture(scope="session")
@@ -54,12 +56,3 @@ def micro_world(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 
     return build_toy_world(tmp_path_factory.mktemp("worlds") / "micro", ToyWorldConfig.micro(), progress=False)
 
-
-@pytest.fixture(scope="session")
-def shipped_demo_measured() -> dict:
-    """The shipped demo refiner's efficacy report measured again (rsc.demo.measure_demo: 64 seeds per prompt with
-    and without the refiner, about 2 min on 2 cores). Its uncorrected half samples exactly the shipped world's
-    evaluation (same seeds, steps and guidance), so the world's tests read it too instead of sampling again."""
-    from rsc.demo import measure_demo
-
-    return measure_demo()

@@ -32,6 +32,7 @@ from rsc.demo import (
     demo_fingerprint,
     fit_modules,
     is_current,
+    measure_demo,
     module_source_hash,
     planted_stereotype_rate,
     read_fit_record,
@@ -47,6 +48,14 @@ from rsc.toy.world import SHIPPED_WORLD_DIR, load_toy_world
 @pytest.fixture(scope="module")
 def shipped_report() -> dict:
     return json.loads((SHIPPED_DEMO_DIR / "efficacy.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def shipped_demo_measured() -> dict:
+    """The shipped demo refiner's efficacy report measured again (rsc.demo.measure_demo: 64 seeds per prompt with
+    and without the refiner, about 2 min on 2 cores). Its uncorrected half samples exactly the shipped world's
+    evaluation (same seeds, steps and guidance): the world's reproduction test below reads it instead of sampling."""
+    return measure_demo()
 
 
 def test_shipped_demo_refiner_is_the_current_demo_fit() -> None:
@@ -76,6 +85,23 @@ def test_shipped_demo_refiner_measured_again_corrects_the_toy_stereotype(shipped
     assert report_differences(report, shipped_report, REMEASURE_TOLERANCE) == []
     targeted = sorted(name for name, row in report["per_group"].items() if row["targeted"])
     assert targeted == sorted(load_toy_world(SHIPPED_WORLD_DIR).targeted_groups)
+
+
+@pytest.mark.slow
+def test_shipped_sd_reproduces_its_worlds_manifest(shipped_demo_measured: dict) -> None:
+    # The demo's efficacy report, measured again, samples the uncorrected SD with the manifest's evaluation
+    # settings: the same images the world's statistics were computed from.
+    manifest = load_toy_world(SHIPPED_WORLD_DIR).manifest
+    sampling = shipped_demo_measured["sampling"]
+    assert (sampling["samples_per_prompt"], sampling["first_seed"], sampling["steps"], sampling["guidance_scale"]) == (
+        manifest["config"]["eval_samples_per_prompt"], manifest["statistics"]["eval_seeds"][0],
+        manifest["config"]["sampling_steps"], manifest["config"]["guidance_scale"])
+    measured = {row["prompt"]: row for row in shipped_demo_measured["per_prompt"].values()}
+    assert set(measured) == set(manifest["statistics"]["per_prompt"])
+    for prompt, rates in manifest["statistics"]["per_prompt"].items():
+        for name in ("group_match", "gender_consistency", "stereotype_rate"):
+            # One image of 64 may flip across BLAS builds; more would mean the world changed.
+            assert abs(measured[prompt][name][0] - rates[name]) <= 1.5 / rates["images"], (prompt, name)
 
 
 def _recomputed(report: dict) -> dict:

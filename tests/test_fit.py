@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -95,41 +96,52 @@ def _refiner(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "refiner" / "refiner.safetensors")
 
 
+def _fit_run(tiny_sd_dir: Path, tiny_prefs_dir: Path, run: Path, cache: Path, devices: int, batch_size: int,
+             **config_args: Any) -> None:
+    """Fit 2 epochs of 12 steps (``last.ckpt`` every 2 steps) on ``devices`` processes in a subprocess."""
+    config = fit_config(tiny_sd_dir, tiny_prefs_dir, run, cache, max_epochs=2, batch_size=batch_size, devices=devices,
+                        every_n_train_steps=2, **config_args)
+    result = run_cli("fit", ["--config", str(config)] + (["--trainer.strategy", "ddp"] if devices > 1 else []))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_sd_dir: Path, tiny_prefs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted 2-process DDP fit (batch 2 per process), its first step's gradients recorded: the
+    reference of both DDP tests (a DDP launch costs two interpreters' start-up)."""
+    root = tmp_path_factory.mktemp("ddp")
+    recorder = {"class_path": "fitting.GradientRecorder", "init_args": {"path": str(root / "two" / "grads")}}
+    _fit_run(tiny_sd_dir, tiny_prefs_dir, root / "two", root / "cache", devices=2, batch_size=2, callbacks=[recorder])
+    return root / "two"
+
+
 @pytest.mark.slow
 def test_ddp_on_two_processes_equals_one_process_with_the_whole_batch(
-    tiny_sd_dir: Path, tiny_prefs_dir: Path, tmp_path: Path
+    tiny_sd_dir: Path, tiny_prefs_dir: Path, tmp_path: Path, ddp_run: Path
 ) -> None:
-    cache = tmp_path / "cache"
-    runs = {"one": (1, 4), "two": (2, 2)}  # processes, batch per process
-    for name, (devices, batch_size) in runs.items():
-        recorder = {"class_path": "fitting.GradientRecorder", "init_args": {"path": str(tmp_path / name / "grads")}}
-        config = fit_config(tiny_sd_dir, tiny_prefs_dir, tmp_path / name, cache, max_epochs=1, batch_size=batch_size,
-                            devices=devices, callbacks=[recorder])
-        result = run_cli("fit", ["--config", str(config)] + (["--trainer.strategy", "ddp"] if devices > 1 else []))
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["last.ckpt"]
-    checkpoints = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-                   for run in runs]
-    assert checkpoints[0]["global_step"] == checkpoints[1]["global_step"] == 6
+    recorder = {"class_path": "fitting.GradientRecorder", "init_args": {"path": str(tmp_path / "one" / "grads")}}
+    _fit_run(tiny_sd_dir, tiny_prefs_dir, tmp_path / "one", tmp_path / "cache", devices=1, batch_size=4,
+             callbacks=[recorder])
+    runs = (tmp_path / "one", ddp_run)
+    assert sorted(p.name for p in (ddp_run / "checkpoints").iterdir()) == ["last.ckpt"]
+    checkpoints = [torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True) for run in runs]
+    assert checkpoints[0]["global_step"] == checkpoints[1]["global_step"] == 12
     assert all(key.startswith("refiner.") for key in checkpoints[1]["state_dict"])
-    single, double = (load_file(tmp_path / run / "grads" / "grad0.safetensors") for run in runs)
+    single, double = (load_file(run / "grads" / "grad0.safetensors") for run in runs)
     assert set(single) == set(double) and single["conv_out.weight"].abs().max() > 0
     for key in single:
         torch.testing.assert_close(double[key], single[key], rtol=GRADIENT_RTOL, atol=GRADIENT_ATOL, msg=key)
-    weights = [_refiner(tmp_path / run) for run in runs]
-    print("max |2 processes - 1 process| after 6 steps:",
+    weights = [_refiner(run) for run in runs]
+    print("max |2 processes - 1 process| after 12 steps:",
           max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0]))
 
 
 @pytest.mark.slow
-def test_ddp_run_killed_mid_epoch_resumes_exactly(tiny_sd_dir: Path, tiny_prefs_dir: Path, tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    full = fit_config(tiny_sd_dir, tiny_prefs_dir, tmp_path / "full", cache, max_epochs=2, batch_size=2, devices=2,
-                      every_n_train_steps=2)
-    result = run_cli("fit", ["--config", str(full), "--trainer.strategy", "ddp"])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    killed = fit_config(tiny_sd_dir, tiny_prefs_dir, tmp_path / "killed", cache, max_epochs=2, batch_size=2,
-                        devices=2, every_n_train_steps=2)
+def test_ddp_run_killed_mid_epoch_resumes_exactly(
+    tiny_sd_dir: Path, tiny_prefs_dir: Path, tmp_path: Path, ddp_run: Path
+) -> None:
+    killed = fit_config(tiny_sd_dir, tiny_prefs_dir, tmp_path / "killed", tmp_path / "cache", max_epochs=2,
+                        batch_size=2, devices=2, every_n_train_steps=2)
     log = tmp_path / "steps.log"
     result = run_cli("fit", ["--config", str(killed), "--trainer.strategy", "ddp"], kill_at="step:9", step_log=log)
     assert result.returncode != 0
@@ -139,7 +151,7 @@ def test_ddp_run_killed_mid_epoch_resumes_exactly(tiny_sd_dir: Path, tiny_prefs_
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     resumed = steps_run(log)[len(ran):]
     assert sorted(resumed) == sorted(list(range(8, 12)) * 2), "each rank runs steps 8-11 once more, nothing else"
-    full_weights, resumed_weights = _refiner(tmp_path / "full"), _refiner(tmp_path / "killed")
+    full_weights, resumed_weights = _refiner(ddp_run), _refiner(tmp_path / "killed")
     assert all(torch.equal(full_weights[key], resumed_weights[key]) for key in full_weights)
 
 

@@ -1,5 +1,5 @@
-"""The full toy world (shipped in rsc/toy/world): it is the world the current code builds, meets its targets,
-and its SD reproduces its manifest.
+"""The full toy world (shipped in rsc/toy/world): it is the world the current code builds and meets its targets
+(that its SD reproduces its manifest: tests/test_demo_refiner.py).
 
 A full rebuild takes about half an hour on two cores, so it is not a test: `bash scripts/rebuild_toy_world.sh`
 rebuilds and compares (run it before landing a change to rsc/toy; the fingerprint test below fails until then).
@@ -68,18 +68,5 @@ def test_shipped_classifier_on_fresh_renders(shipped) -> None:  # noqa: ANN001
     assert min(accuracy.values()) >= 0.95, accuracy
 
 
-@pytest.mark.slow
-def test_shipped_sd_reproduces_its_manifest(shipped, shipped_demo_measured: dict) -> None:  # noqa: ANN001
-    # The demo's efficacy report, measured again, samples the uncorrected SD with the manifest's evaluation
-    # settings: the same images the world's statistics were computed from.
-    manifest = shipped.manifest
-    sampling = shipped_demo_measured["sampling"]
-    assert (sampling["samples_per_prompt"], sampling["first_seed"], sampling["steps"], sampling["guidance_scale"]) == (
-        manifest["config"]["eval_samples_per_prompt"], manifest["statistics"]["eval_seeds"][0],
-        manifest["config"]["sampling_steps"], manifest["config"]["guidance_scale"])
-    measured = {row["prompt"]: row for row in shipped_demo_measured["per_prompt"].values()}
-    assert set(measured) == set(manifest["statistics"]["per_prompt"])
-    for prompt, rates in manifest["statistics"]["per_prompt"].items():
-        for name in ("group_match", "gender_consistency", "stereotype_rate"):
-            # One image of 64 may flip across BLAS builds; more would mean the world changed.
-            assert abs(measured[prompt][name][0] - rates[name]) <= 1.5 / rates["images"], (prompt, name)
+# That the shipped SD still samples its manifest's statistics is checked in tests/test_demo_refiner.py, on the
+# uncorrected half of the demo's re-measured efficacy report (the same images; sampling them twice costs minutes).
