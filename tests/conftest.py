@@ -14,8 +14,14 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from rsc.testing import RandomSDSpec, build_random_sd  # noqa: E402
+
+# Tests check behaviour, not speed (speed goals live in scripts/bench*.py): no per-example deadline, which an
+# example misses when the other xdist worker loads the cores (one that takes 5 ms took 260 ms in a CI run).
+settings.register_profile("rsc", deadline=None)
+settings.load_profile("rsc")
 
 
 @pytest.fixture(scope="session")
