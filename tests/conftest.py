@@ -61,4 +61,3 @@ def micro_world(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     from rsc.toy.world import ToyWorldConfig, build_toy_world
 
     return build_toy_world(tmp_path_factory.mktemp("worlds") / "micro", ToyWorldConfig.micro(), progress=False)
-

@@ -96,11 +96,17 @@ def _refiner(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "refiner" / "refiner.safetensors")
 
 
+def _twelve_steps(tiny_sd_dir: Path, tiny_prefs_dir: Path, run: Path, cache: Path, devices: int, batch_size: int,
+                  **config_args: Any) -> Path:
+    """The config of a 2-epoch, 12-step fit (``last.ckpt`` every 2 steps) on ``devices`` processes."""
+    return fit_config(tiny_sd_dir, tiny_prefs_dir, run, cache, max_epochs=2, batch_size=batch_size, devices=devices,
+                      every_n_train_steps=2, **config_args)
+
+
 def _fit_run(tiny_sd_dir: Path, tiny_prefs_dir: Path, run: Path, cache: Path, devices: int, batch_size: int,
              **config_args: Any) -> None:
-    """Fit 2 epochs of 12 steps (``last.ckpt`` every 2 steps) on ``devices`` processes in a subprocess."""
-    config = fit_config(tiny_sd_dir, tiny_prefs_dir, run, cache, max_epochs=2, batch_size=batch_size, devices=devices,
-                        every_n_train_steps=2, **config_args)
+    """Run :func:`_twelve_steps`'s fit to the end in a subprocess."""
+    config = _twelve_steps(tiny_sd_dir, tiny_prefs_dir, run, cache, devices, batch_size, **config_args)
     result = run_cli("fit", ["--config", str(config)] + (["--trainer.strategy", "ddp"] if devices > 1 else []))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -140,8 +146,8 @@ def test_ddp_on_two_processes_equals_one_process_with_the_whole_batch(
 def test_ddp_run_killed_mid_epoch_resumes_exactly(
     tiny_sd_dir: Path, tiny_prefs_dir: Path, tmp_path: Path, ddp_run: Path
 ) -> None:
-    killed = fit_config(tiny_sd_dir, tiny_prefs_dir, tmp_path / "killed", tmp_path / "cache", max_epochs=2,
-                        batch_size=2, devices=2, every_n_train_steps=2)
+    # The reference's config but for its gradient recorder, which does not change the weights.
+    killed = _twelve_steps(tiny_sd_dir, tiny_prefs_dir, tmp_path / "killed", tmp_path / "cache", devices=2, batch_size=2)
     log = tmp_path / "steps.log"
     result = run_cli("fit", ["--config", str(killed), "--trainer.strategy", "ddp"], kill_at="step:9", step_log=log)
     assert result.returncode != 0
