@@ -269,6 +269,13 @@ class RSCorrector(L.LightningModule):
         """The strength of the correction at sampling time (``sampling_strength``, else the training ``strength``)."""
         return sampling_strength(self.hparams)
 
+    @sampling_strength.setter
+    def sampling_strength(self, strength: float) -> None:
+        """Set the sampling strength (e.g. :class:`rsc.callbacks.calibration.SamplingCalibration`'s choice); it is
+        saved with the hyper-parameters, so later checkpoints and the export carry it."""
+        check_number("sampling_strength", strength)
+        self.hparams["sampling_strength"] = float(strength)
+
     @property
     def sampling_threshold(self) -> float:
         """The dead zone of the correction at sampling time (``sampling_threshold``; 0 = off)."""
