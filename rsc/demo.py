@@ -5,6 +5,7 @@ ships in ``rsc/toy/demo_refiner``, like the world it was trained on:
 
 * ``refiner/``: the export (``--refiner rsc/toy/demo_refiner/refiner`` works everywhere an export does);
 * ``efficacy.json`` / ``efficacy.png``: the end-of-fit efficacy report of that fit;
+* ``calibration.json``: how that fit chose the sampling strength in the export (:mod:`rsc.callbacks.calibration`);
 * ``fit.json``: what produced it: a fingerprint of the config, the world and the code the fit ran (the
   ``rsc`` modules it imported, docstrings and comments ignored), with the machine, versions and the
   validation callback's last values.
@@ -325,6 +326,7 @@ def ship(run: str | os.PathLike[str], demo_dir: str | os.PathLike[str] = SHIPPED
     The export's ``config.json`` names the backbone and data by the repository-relative paths of the shipped
     world, not by the refit's absolute ones.
     """
+    from rsc.callbacks.calibration import CALIBRATION_FILE
     from rsc.export import ExportInfo, export_refiner
     from rsc.refiner import LatentRefiner
     from rsc.relocate import SHIPPED_WORLD
@@ -340,6 +342,8 @@ def ship(run: str | os.PathLike[str], demo_dir: str | os.PathLike[str] = SHIPPED
         export_refiner(LatentRefiner.from_pretrained(run / "refiner"), staging / "refiner", info)
         for name in ("efficacy.json", "efficacy.png", FIT_RECORD):
             shutil.copy2(run / name, staging / name)
+        if (run / CALIBRATION_FILE).is_file():  # a recipe with SamplingCalibration: why the export's strength
+            shutil.copy2(run / CALIBRATION_FILE, staging / CALIBRATION_FILE)
 
     return write_folder_atomic(demo_dir, write)
 
