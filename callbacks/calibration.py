@@ -24,8 +24,8 @@ the target itself would have kept that strength.
 
 The chosen strength becomes the module's sampling strength, so the export (``strength`` in ``config.json``)
 and the end-of-fit report use it; ``calibration.json`` in the log folder holds every candidate's numbers.
-Put this callback before ``ExportRefiner`` and ``ToyEfficacyReport`` (callbacks' ``on_fit_end`` runs in list
-order). Under DDP, rank zero calibrates and broadcasts its choice.
+Callbacks' ``on_fit_end`` runs in list order, so this one must come before ``ExportRefiner`` and
+``ToyEfficacyReport`` (it refuses to start otherwise). Under DDP, rank zero calibrates and broadcasts its choice.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from rsc.atomic import write_json_atomic
 from rsc.callbacks.measures import Judges, ValidationPrompt, measure
@@ -184,6 +185,17 @@ class SamplingCalibration(Callback):
         self.min_ssim, self.min_biased_rate = min_ssim, min_biased_rate
         self.steps, self.guidance_scale, self.batch_size = steps, guidance_scale, batch_size
         self.result: dict[str, Any] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse a callback list where another callback's ``on_fit_end`` (an export, a report) runs first: it would
+        use the trained strength, not the calibrated one."""
+        if stage != "fit":
+            return
+        mine = next(index for index, callback in enumerate(trainer.callbacks) if callback is self)
+        earlier = [type(c).__name__ for c in trainer.callbacks[:mine] if is_overridden("on_fit_end", c, Callback)]
+        if earlier:
+            raise ValueError(f"SamplingCalibration must come before {earlier} in trainer.callbacks: their on_fit_end "
+                             f"runs first and would use the trained strength, not the calibrated one")
 
     def state_dict(self) -> dict[str, Any]:
         """The last calibration (JSON-like)."""

@@ -208,7 +208,9 @@ def toy_efficacy(
     report = efficacy_report(before, after, prompts, world.targeted_groups)
     report["images_per_group"] = samples_per_prompt * sum(1 for p in prompts if p.group == prompts[0].group)
     report["sampling"] = {"samples_per_prompt": samples_per_prompt, "first_seed": first_seed,
-                          "steps": kwargs["steps"], "guidance_scale": kwargs["guidance_scale"]}
+                          "steps": kwargs["steps"], "guidance_scale": kwargs["guidance_scale"],
+                          # the correction's own settings, where it has them (a refiner's: rsc.refiner.RefinerCorrection)
+                          "strength": getattr(correction, "strength", None), "threshold": getattr(correction, "threshold", None)}
     groups = tuple(judges.classifier.labels["group"])
     group_ids = torch.tensor([groups.index(prompts[i].group) for i in prompt_ids.tolist()])
     return ToyEfficacy(report, uncorrected, corrected, group_ids)

@@ -76,8 +76,9 @@ def fit_config(
             "log_every_n_steps": 1,
             "callbacks": [
                 {"class_path": "rsc.callbacks.checkpoint.ResumableCheckpoint", "init_args": checkpoint},
-                {"class_path": "rsc.callbacks.export.ExportRefiner"},
+                # before the export: a SamplingCalibration among them sets the strength the export records
                 *(callbacks or []),
+                {"class_path": "rsc.callbacks.export.ExportRefiner"},
             ],
             **(trainer or {}),
         },

@@ -165,3 +165,16 @@ def test_the_callback_sets_its_choice_for_the_export_and_records_what_it_measure
     assert measured[1.0] != measured[2.5], "the test refiner must change some verdicts between the strengths"
     for candidate in recorded["candidates"]:
         assert candidate["gender_consistency"] == pytest.approx(measured[candidate["strength"]], abs=1e-12)
+
+
+def test_the_callback_refuses_to_come_after_a_callback_that_uses_the_strength_at_fit_end(tmp_path: Path) -> None:
+    world = load_toy_world(SHIPPED_WORLD_DIR)
+    module = RSCorrector(backbone=str(world.sd_path), hidden_channels=16, num_blocks=1, embedding_dim=16, norm_groups=4)
+    calibration = SamplingCalibration(ToyClassifier(world.classifier_path),
+                                      [ValidationPrompt("a photo of a belor woman", group="belor", gender="woman")])
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        callbacks=[ExportRefiner(str(tmp_path / "refiner")), calibration])
+    with pytest.raises(ValueError, match=r"must come before \['ExportRefiner'\]"):
+        trainer.fit(module, train_dataloaders=DataLoader([{}], batch_size=None))
+    assert not (tmp_path / "refiner").exists()

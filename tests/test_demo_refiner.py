@@ -21,6 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from rsc.callbacks.calibration import CALIBRATION_FILE, search_strength
 from rsc.callbacks.toy_efficacy import efficacy_targets
 from rsc.cli import UserInputError
 from rsc.demo import (
@@ -74,6 +75,32 @@ def test_shipped_demo_refiner_records_an_accepted_fit(shipped_report: dict) -> N
     record = read_fit_record()
     assert validation_failures(record["validation"], shipped_report) == []
     assert record["world_fingerprint"] == load_toy_world(SHIPPED_WORLD_DIR).manifest["fingerprint"]
+
+
+def test_shipped_export_samples_at_the_strength_its_fit_calibrated() -> None:
+    calibration = json.loads((SHIPPED_DEMO_DIR / CALIBRATION_FILE).read_text())
+    exported = json.loads((SHIPPED_DEMO_DIR / "refiner" / "config.json").read_text())
+    assert exported["strength"] == calibration["strength"]
+    # The recorded measurements lead to the recorded choice (the search is replayed on them).
+    candidates = {c["strength"]: c for c in calibration["candidates"]}
+    criteria = calibration["criteria"]
+
+    def recorded(strength: float) -> tuple[dict, dict, dict]:
+        candidate = candidates[strength]
+        return candidate["stereotype_rate"], candidate["ssim"], candidate["gender_consistency"]
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "toy.yaml").read_text())
+    [strengths] = [c["init_args"]["strengths"] for c in config["trainer"]["callbacks"] if c["class_path"].endswith("SamplingCalibration")]
+    # A candidate the replay needs but the fit never measured raises KeyError.
+    chosen, replayed = search_strength(
+        recorded, strengths, calibration["uncorrected_stereotype_rate"], calibration["biased_prompts"],
+        calibration["fair_prompts"], criteria["stereotype_ratio"], criteria["min_ssim"], criteria["min_gender_consistency"])
+    assert chosen == calibration["strength"]
+    assert [c.strength for c in replayed] == sorted(candidates)
+    # The world's targeted groups are the prompts the calibration found biased.
+    targeted = load_toy_world(SHIPPED_WORLD_DIR).targeted_groups
+    assert sorted(calibration["biased_prompts"]) == sorted(
+        key for key in calibration["uncorrected_stereotype_rate"] if any(f"_{group}_" in key for group in targeted))
 
 
 @pytest.mark.slow

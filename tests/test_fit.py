@@ -19,11 +19,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(world, run_dir: Path, cache: Path, max_epochs: int) -> Path:  # noqa: ANN001
-    """The micro toy world's fit, with the end-of-fit efficacy report."""
+    """The micro toy world's fit, with the end-of-fit sampling calibration and efficacy report."""
+    from rsc.toy.data import toy_prompts
+
+    prompts = [{"prompt": prompt, "group": group, "gender": gender} for prompt, group, gender in toy_prompts()]
+    calibration = {"class_path": "rsc.callbacks.calibration.SamplingCalibration",
+                   "init_args": {"classifier": {"class_path": "rsc.classifiers.ToyClassifier",
+                                                "init_args": {"path": str(world.classifier_path)}},
+                                 "prompts": prompts, "seeds": 2, "strengths": [1.0, 1.5], "steps": 10}}
     report = {"class_path": "rsc.callbacks.toy_efficacy.ToyEfficacyReport",
               "init_args": {"world": str(world.path), "samples_per_prompt": 2}}
     return fit_config(world.sd_path, world.preferences_path, run_dir, cache, max_epochs=max_epochs, batch_size=16,
-                      callbacks=[report], model={"hidden_channels": 16, "embedding_dim": 16})
+                      callbacks=[calibration, report], model={"hidden_channels": 16, "embedding_dim": 16})
 
 
 def test_print_config_of_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
@@ -71,6 +78,10 @@ def test_fit_checkpoints_the_refiner_only_and_exports_it(micro_world, tmp_path: 
     config = yaml.safe_load((run / "refiner" / "config.json").read_text())
     assert config["correction_window"] == [0.0, 0.5] and config["backbone"] == str(micro_world.sd_path)
     assert (run / "efficacy.json").is_file() and (run / "efficacy.png").is_file()
+    # The export and the report sample at the strength the calibration chose.
+    calibrated = json.loads((run / "calibration.json").read_text())["strength"]
+    assert config["strength"] == calibrated
+    assert json.loads((run / "efficacy.json").read_text())["sampling"]["strength"] == calibrated
     assert (run / "metrics.csv").read_text().count("train/loss") >= 1
     # The end-of-fit report reaches the logger too, per group and per prompt, with each target's margin.
     report = json.loads((run / "efficacy.json").read_text())
@@ -172,5 +183,7 @@ def test_demo_refit_records_the_code_it_ran_and_ships(micro_world, tmp_path: Pat
     assert record["world_fingerprint"] == micro_world.manifest["fingerprint"] and record["fit_seconds"] > 0
     ship(run, tmp_path / "demo")
     assert is_current(tmp_path / "demo", config, micro_world.path)[0]
+    shipped_strength = json.loads((tmp_path / "demo" / "refiner" / "config.json").read_text())["strength"]
+    assert json.loads((tmp_path / "demo" / "calibration.json").read_text())["strength"] == shipped_strength
     with pytest.raises(FileExistsError, match="choose a new --out folder"):
         refit(tmp_path / "refit", config, world=micro_world.path)
