@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from fitting import fit_config, run_cli, steps_run
+from fitting import PROMPTS, fit_config, run_cli, steps_run
 from rsc.fit import main as fit_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +128,14 @@ def ddp_run(tiny_sd_dir: Path, tiny_prefs_dir: Path, tmp_path_factory: pytest.Te
     reference of both DDP tests (a DDP launch costs two interpreters' start-up)."""
     root = tmp_path_factory.mktemp("ddp")
     recorder = {"class_path": "fitting.GradientRecorder", "init_args": {"path": str(root / "two" / "grads")}}
-    _fit_run(tiny_sd_dir, tiny_prefs_dir, root / "two", root / "cache", devices=2, batch_size=2, callbacks=[recorder])
+    # Rank 0 calibrates and broadcasts; every rank then sets the strength (a rank left without it fails the run).
+    calibration = {"class_path": "rsc.callbacks.calibration.SamplingCalibration",
+                   "init_args": {"classifier": {"class_path": "rsc.classifiers.ToyClassifier",
+                                                "init_args": {"path": str(REPO / "rsc" / "toy" / "world" / "classifier")}},
+                                 "prompts": [{"prompt": p, "group": p.split()[-2], "gender": p.split()[-1]} for p in PROMPTS],
+                                 "seeds": 2, "strengths": [1.0, 1.5], "steps": 4, "min_biased_rate": 1e-9}}
+    _fit_run(tiny_sd_dir, tiny_prefs_dir, root / "two", root / "cache", devices=2, batch_size=2,
+             callbacks=[recorder, calibration])
     return root / "two"
 
 
@@ -141,6 +148,8 @@ def test_ddp_on_two_processes_equals_one_process_with_the_whole_batch(
              callbacks=[recorder])
     runs = (tmp_path / "one", ddp_run)
     assert sorted(p.name for p in (ddp_run / "checkpoints").iterdir()) == ["last.ckpt"]
+    calibrated = json.loads((ddp_run / "calibration.json").read_text())
+    assert json.loads((ddp_run / "refiner" / "config.json").read_text())["strength"] == calibrated["strength"]
     checkpoints = [torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True) for run in runs]
     assert checkpoints[0]["global_step"] == checkpoints[1]["global_step"] == 12
     assert all(key.startswith("refiner.") for key in checkpoints[1]["state_dict"])
