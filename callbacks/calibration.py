@@ -25,7 +25,8 @@ the target itself would have kept that strength.
 The chosen strength becomes the module's sampling strength, so the export (``strength`` in ``config.json``)
 and the end-of-fit report use it; ``calibration.json`` in the log folder holds every candidate's numbers.
 Callbacks' ``on_fit_end`` runs in list order, so this one must come before ``ExportRefiner`` and
-``ToyEfficacyReport`` (it refuses to start otherwise). Under DDP, rank zero calibrates and broadcasts its choice.
+``ToyEfficacyReport`` (it refuses to start otherwise). Under DDP the ranks share the sampling and the
+metrics are reduced across them, so every rank reaches the same choice.
 """
 
 from __future__ import annotations
@@ -206,20 +207,17 @@ class SamplingCalibration(Callback):
         self.result = state_dict.get("result")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Calibrate on rank zero, set the chosen strength on every rank and save ``calibration.json``."""
+        """Calibrate (every rank measures its share), set the chosen strength and save ``calibration.json``."""
         corrector = as_corrector(pl_module, "SamplingCalibration")
         if not hasattr(type(corrector), "sampling_strength"):
             raise TypeError(f"SamplingCalibration needs a module with a settable sampling_strength "
                             f"(rsc.module.RSCorrector); {type(corrector).__name__} has none")
         # trainer.log_dir broadcasts under DDP: every rank must ask for it.
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        result = None
-        if trainer.is_global_zero:
-            was_training = pl_module.training
-            pl_module.eval()
-            result = self.calibrate(corrector)
-            pl_module.train(was_training)
-        result = trainer.strategy.broadcast(result, src=0)
+        was_training = pl_module.training
+        pl_module.eval()
+        result = self.calibrate(corrector, trainer.global_rank, trainer.world_size)
+        pl_module.train(was_training)
         self.result = result
         corrector.sampling_strength = result["strength"]
         if trainer.is_global_zero:
@@ -229,22 +227,33 @@ class SamplingCalibration(Callback):
             rank_zero_info(format_calibration(result))
 
     @torch.no_grad()
-    def calibrate(self, corrector: Any) -> dict[str, Any]:
-        """Sample, measure and choose (one process); the ``calibration.json`` payload."""
+    def calibrate(self, corrector: Any, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+        """Sample, measure and choose; the ``calibration.json`` payload.
+
+        Under DDP every rank calls it with its rank: each samples every ``world_size``-th (prompt, seed) item,
+        and :func:`rsc.callbacks.measures.measure` reduces the metrics across ranks (torchmetrics), so every
+        rank measures the same numbers, takes the same steps of the search and returns the same choice.
+        """
         seeds = list(range(self.first_seed, self.first_seed + self.seeds))
-        prompt_ids = torch.arange(len(self.prompts)).repeat_interleave(len(seeds))
+        items = [(index, seed) for index in range(len(self.prompts)) for seed in seeds]
+        if len(items) < world_size:
+            raise ValueError(f"SamplingCalibration has {len(items)} (prompt, seed) items for {world_size} processes: "
+                             f"raise seeds to at least {-(-world_size // len(self.prompts))}")
+        order = torch.arange(len(items))[rank::world_size]
+        prompt_ids = torch.tensor([items[i][0] for i in order.tolist()])
         texts = [self.prompts[i].prompt for i in prompt_ids.tolist()]
-        order = torch.arange(len(texts))
+        my_seeds = [items[i][1] for i in order.tolist()]
+        self.judges.classifier.to(corrector.device)
         kwargs: dict[str, Any] = dict(steps=self.steps, guidance_scale=self.guidance_scale, batch_size=self.batch_size,
                                       progress=False)
-        uncorrected = sample(corrector.ldm, texts, seeds * len(self.prompts), **kwargs).images
+        uncorrected = sample(corrector.ldm, texts, my_seeds, **kwargs).images
         before = measure(self.judges, self.prompts, prompt_ids, order, uncorrected, where="SamplingCalibration")
         rates = {key: row["stereotype_rate"] for key, row in before["per_prompt"].items()}
         biased = [key for key, rate in rates.items() if rate is not None and rate >= self.min_biased_rate]
         fair = [key for key in rates if key not in biased]
 
         def evaluate(strength: float) -> tuple[dict[str, float], dict[str, float], dict[str, float | None]]:
-            images = sample(corrector.ldm, texts, seeds * len(self.prompts), correction=corrector.correction(strength),
+            images = sample(corrector.ldm, texts, my_seeds, correction=corrector.correction(strength),
                             correction_window=corrector.correction_window, **kwargs).images
             after = measure(self.judges, self.prompts, prompt_ids, order, images, baseline=uncorrected,
                             where="SamplingCalibration")["per_prompt"]

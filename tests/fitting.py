@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from safetensors.torch import save_file
 
+from rsc.classifiers import ToyClassifier
 from rsc.datamodules.schema import PREFERENCE_FEATURES
 from rsc.toy.faces import render_faces
 
@@ -128,3 +129,29 @@ class GradientRecorder(Callback):
             grads = {name: parameter.grad.detach().clone() for name, parameter in pl_module.refiner.named_parameters()
                      if parameter.grad is not None}
             save_file(grads, str(self.path / f"grad{trainer.global_step}.safetensors"))
+
+
+class AlwaysStereotyped(ToyClassifier):
+    """The toy classifier, except that every image is stereotyped: every prompt is biased and none is ever
+    corrected, so a :class:`~rsc.callbacks.calibration.SamplingCalibration` measures every candidate strength."""
+
+    def predict(self, images: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
+        """The toy classifier's probabilities with "stereotype present" set to 1."""
+        probabilities = super().predict(images, batch_size=batch_size)
+        stereotype = torch.zeros_like(probabilities["stereotype"])
+        stereotype[:, 1] = 1.0
+        return {**probabilities, "stereotype": stereotype}
+
+
+class LeftBrighterStereotyped(ToyClassifier):
+    """The toy classifier, except that an image is "stereotyped" when its left half is brighter than its right
+    half: on the random tiny SD a per-image coin (2 to 5 of 8 seeds per prompt) that makes both biased and fair
+    prompts, so every measure of a :class:`~rsc.callbacks.calibration.SamplingCalibration` takes part."""
+
+    def predict(self, images: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
+        """The toy classifier's probabilities with "stereotype present" from the brightness of the two halves."""
+        probabilities = super().predict(images, batch_size=batch_size)
+        half = images.shape[-1] // 2
+        left = (images[..., :half].mean(dim=(1, 2, 3)) > images[..., half:].mean(dim=(1, 2, 3))).float()
+        left = left.to(probabilities["stereotype"])
+        return {**probabilities, "stereotype": torch.stack([1 - left, left], dim=1)}

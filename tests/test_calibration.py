@@ -8,9 +8,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader
 
+from fitting import AlwaysStereotyped
 from rsc.callbacks.calibration import CALIBRATION_FILE, SamplingCalibration, search_strength
 from rsc.callbacks.export import ExportRefiner
 from rsc.callbacks.measures import Judges, ValidationPrompt, measure
@@ -110,16 +110,6 @@ def test_config_errors_name_the_field(field: str, value: object, message: str) -
         SamplingCalibration(**{**kwargs, field: value})
 
 
-class _AlwaysStereotyped(ToyClassifier):
-    """The toy classifier, except that every image is stereotyped: every prompt is biased and none is ever corrected."""
-
-    def predict(self, images: Tensor, batch_size: int = 64) -> dict[str, Tensor]:
-        probabilities = super().predict(images, batch_size=batch_size)
-        stereotype = torch.zeros_like(probabilities["stereotype"])
-        stereotype[:, 1] = 1.0
-        return {**probabilities, "stereotype": stereotype}
-
-
 def test_the_callback_sets_its_choice_for_the_export_and_records_what_it_measured(tmp_path: Path) -> None:
     world = load_toy_world(SHIPPED_WORLD_DIR)
     module = RSCorrector(backbone=str(world.sd_path), hidden_channels=16, num_blocks=1, embedding_dim=16,
@@ -130,7 +120,7 @@ def test_the_callback_sets_its_choice_for_the_export_and_records_what_it_measure
             parameter.copy_(0.02 * torch.randn(parameter.shape, generator=generator))
     prompts = [ValidationPrompt(p, group=g, gender=s) for p, g, s in toy_prompts()][:4]
     sampling = dict(steps=8, guidance_scale=7.0)
-    calibration = SamplingCalibration(_AlwaysStereotyped(world.classifier_path), prompts, seeds=2, first_seed=5,
+    calibration = SamplingCalibration(AlwaysStereotyped(world.classifier_path), prompts, seeds=2, first_seed=5,
                                       strengths=[1.0, 2.5], batch_size=16, **sampling)
     cond = module.ldm.encode_prompt(["a photo of a belor woman"] * 2, do_classifier_free_guidance=False).cond
     shape = (2, module.ldm.latent_channels, 16, 16)

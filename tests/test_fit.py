@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from fitting import PROMPTS, fit_config, run_cli, steps_run
+from fitting import PROMPTS, LeftBrighterStereotyped, fit_config, run_cli, steps_run
 from rsc.fit import main as fit_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,20 +122,23 @@ def _fit_run(tiny_sd_dir: Path, tiny_prefs_dir: Path, run: Path, cache: Path, de
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+# Each rank samples half of the calibration's images and the metrics are reduced across the ranks.
+_CALIBRATION = {"class_path": "rsc.callbacks.calibration.SamplingCalibration",
+                "init_args": {"classifier": {"class_path": "fitting.LeftBrighterStereotyped",
+                                             "init_args": {"path": str(REPO / "rsc" / "toy" / "world" / "classifier")}},
+                              "prompts": [{"prompt": p, "group": p.split()[-2], "gender": p.split()[-1]} for p in PROMPTS],
+                              "seeds": 8, "first_seed": 0, "strengths": [1.0, 1.5, 2.0], "steps": 4,
+                              "min_biased_rate": 0.3}}
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tiny_sd_dir: Path, tiny_prefs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted 2-process DDP fit (batch 2 per process), its first step's gradients recorded: the
     reference of both DDP tests (a DDP launch costs two interpreters' start-up)."""
     root = tmp_path_factory.mktemp("ddp")
     recorder = {"class_path": "fitting.GradientRecorder", "init_args": {"path": str(root / "two" / "grads")}}
-    # Rank 0 calibrates and broadcasts; every rank then sets the strength (a rank left without it fails the run).
-    calibration = {"class_path": "rsc.callbacks.calibration.SamplingCalibration",
-                   "init_args": {"classifier": {"class_path": "rsc.classifiers.ToyClassifier",
-                                                "init_args": {"path": str(REPO / "rsc" / "toy" / "world" / "classifier")}},
-                                 "prompts": [{"prompt": p, "group": p.split()[-2], "gender": p.split()[-1]} for p in PROMPTS],
-                                 "seeds": 2, "strengths": [1.0, 1.5], "steps": 4, "min_biased_rate": 1e-9}}
     _fit_run(tiny_sd_dir, tiny_prefs_dir, root / "two", root / "cache", devices=2, batch_size=2,
-             callbacks=[recorder, calibration])
+             callbacks=[recorder, _CALIBRATION])
     return root / "two"
 
 
@@ -144,12 +147,14 @@ def test_ddp_on_two_processes_equals_one_process_with_the_whole_batch(
     tiny_sd_dir: Path, tiny_prefs_dir: Path, tmp_path: Path, ddp_run: Path
 ) -> None:
     recorder = {"class_path": "fitting.GradientRecorder", "init_args": {"path": str(tmp_path / "one" / "grads")}}
+    # The same callbacks: loading the calibration's classifier draws from the global RNG before the refiner is built.
     _fit_run(tiny_sd_dir, tiny_prefs_dir, tmp_path / "one", tmp_path / "cache", devices=1, batch_size=4,
-             callbacks=[recorder])
+             callbacks=[recorder, _CALIBRATION])
     runs = (tmp_path / "one", ddp_run)
     assert sorted(p.name for p in (ddp_run / "checkpoints").iterdir()) == ["last.ckpt"]
-    calibrated = json.loads((ddp_run / "calibration.json").read_text())
-    assert json.loads((ddp_run / "refiner" / "config.json").read_text())["strength"] == calibrated["strength"]
+    for run in runs:  # the export carries the calibrated strength
+        calibrated = json.loads((run / "calibration.json").read_text())["strength"]
+        assert json.loads((run / "refiner" / "config.json").read_text())["strength"] == calibrated
     checkpoints = [torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True) for run in runs]
     assert checkpoints[0]["global_step"] == checkpoints[1]["global_step"] == 12
     assert all(key.startswith("refiner.") for key in checkpoints[1]["state_dict"])
@@ -163,11 +168,34 @@ def test_ddp_on_two_processes_equals_one_process_with_the_whole_batch(
 
 
 @pytest.mark.slow
+def test_ddp_calibration_equals_one_process_calibrating_the_same_refiner(tiny_sd_dir: Path, ddp_run: Path) -> None:
+    from rsc.callbacks.calibration import SamplingCalibration
+    from rsc.module import RSCorrector
+
+    recorded = json.loads((ddp_run / "calibration.json").read_text())
+    config = yaml.safe_load((ddp_run.parent / f"{ddp_run.name}.yaml").read_text())
+    [arguments] = [c["init_args"] for c in config["trainer"]["callbacks"] if c["class_path"].endswith("SamplingCalibration")]
+    calibration = SamplingCalibration(**{**arguments, "classifier": LeftBrighterStereotyped(arguments["classifier"]["init_args"]["path"])})
+    model = {k: v for k, v in config["model"].items() if k not in ("learning_rate", "beta")}
+    module = RSCorrector(**model)
+    module.refiner.load_state_dict(_refiner(ddp_run))
+    alone = calibration.calibrate(module)
+    assert alone["biased_prompts"] == recorded["biased_prompts"] and alone["strength"] == recorded["strength"]
+    assert alone["uncorrected_stereotype_rate"] == pytest.approx(recorded["uncorrected_stereotype_rate"], abs=1e-9)
+    assert [c["strength"] for c in alone["candidates"]] == [c["strength"] for c in recorded["candidates"]]
+    assert recorded["candidates"] and recorded["fair_prompts"], "the test must measure candidates on both kinds of prompt"
+    for one, two in zip(alone["candidates"], recorded["candidates"]):
+        for name in ("stereotype_rate", "ssim", "gender_consistency"):
+            assert one[name] == pytest.approx(two[name], abs=1e-6), name
+
+
+@pytest.mark.slow
 def test_ddp_run_killed_mid_epoch_resumes_exactly(
     tiny_sd_dir: Path, tiny_prefs_dir: Path, tmp_path: Path, ddp_run: Path
 ) -> None:
     # The reference's config but for its gradient recorder, which does not change the weights.
-    killed = _twelve_steps(tiny_sd_dir, tiny_prefs_dir, tmp_path / "killed", tmp_path / "cache", devices=2, batch_size=2)
+    killed = _twelve_steps(tiny_sd_dir, tiny_prefs_dir, tmp_path / "killed", tmp_path / "cache", devices=2, batch_size=2,
+                           callbacks=[_CALIBRATION])
     log = tmp_path / "steps.log"
     result = run_cli("fit", ["--config", str(killed), "--trainer.strategy", "ddp"], kill_at="step:9", step_log=log)
     assert result.returncode != 0
