@@ -2,8 +2,8 @@
 without changing the fair prompts' images.
 
 A refiner is trained at one strength, but how far that strength corrects depends on the world it was trained
-for. The same recipe (``configs/toy.yaml``) left the shipped toy world's targeted prompts at 0.03 stereotype
-(limit 0.1 x uncorrected) at strength 1, and a weaker-bias world (seed 11, one targeted group, rate 0.6) at
+for. The same recipe (``configs/toy.yaml``) left the shipped toy world's targeted prompts at 0.03-0.06 stereotype
+(two CPUs; limit 0.1 x uncorrected) at strength 1, and a weaker-bias world (seed 11, one targeted group, rate 0.6) at
 0.125 / 0.031 (limit 0.053); strength 1.5 corrected that world (0.016 / 0.00, other groups' SSIM 0.951) but moved
 the shipped world's other groups (SSIM 0.920). Like a guidance scale, the strength is a dial set without
 retraining; :class:`SamplingCalibration` sets it per fit, from measurements, the way a user would:
