@@ -210,7 +210,8 @@ def toy_efficacy(
     report["sampling"] = {"samples_per_prompt": samples_per_prompt, "first_seed": first_seed,
                           "steps": kwargs["steps"], "guidance_scale": kwargs["guidance_scale"],
                           # the correction's own settings, where it has them (a refiner's: rsc.refiner.RefinerCorrection)
-                          "strength": getattr(correction, "strength", None), "threshold": getattr(correction, "threshold", None)}
+                          "strength": getattr(correction, "strength", None), "threshold": getattr(correction, "threshold", None),
+                          "window": [float(edge) for edge in correction_window]}
     groups = tuple(judges.classifier.labels["group"])
     group_ids = torch.tensor([groups.index(prompts[i].group) for i in prompt_ids.tolist()])
     return ToyEfficacy(report, uncorrected, corrected, group_ids)
@@ -261,7 +262,7 @@ class ToyEfficacyReport(Callback):
         was_training = pl_module.training
         pl_module.eval()
         result = toy_efficacy(
-            self.world, pl_module.ldm, pl_module.correction(), tuple(pl_module.hparams.correction_window),
+            self.world, pl_module.ldm, pl_module.correction(), pl_module.correction_window,
             self.samples_per_prompt, self.first_seed, self.steps, self.guidance_scale, self.batch_size,
         )
         pl_module.train(was_training)

@@ -76,6 +76,14 @@ def sampling_threshold(hparams: Mapping[str, Any]) -> float:
     return float(configured or 0.0)
 
 
+def sampling_window(hparams: Mapping[str, Any]) -> tuple[float, float]:
+    """The window sampling corrects: ``sampling_window`` where one was set, else the training ``correction_window``
+    (``export_config()`` and ``config.json`` hold the sampling one as ``correction_window``)."""
+    configured = hparams.get("sampling_window")
+    start, end = hparams["correction_window"] if configured is None else configured
+    return float(start), float(end)
+
+
 @dataclass
 class ExportInfo:
     """What ``config.json`` says besides the architecture.
@@ -114,9 +122,8 @@ class ExportInfo:
         missing = [key for key in ("correction_window", "strength", "backbone") if key not in hparams]
         if missing:
             raise KeyError(f"the training hyper-parameters lack {missing}; got keys {sorted(hparams)}")
-        window = tuple(float(edge) for edge in hparams["correction_window"])
         return cls(
-            correction_window=(window[0], window[1]),
+            correction_window=sampling_window(hparams),
             strength=sampling_strength(hparams),
             backbone=str(hparams["backbone"]),
             threshold=sampling_threshold(hparams),

@@ -10,11 +10,11 @@ from torch import Tensor
 
 from rsc.backbone import DTYPES, FrozenLDM
 from rsc.config import MAX_SEED, check_number
-from rsc.export import sampling_strength, sampling_threshold
+from rsc.export import sampling_strength, sampling_threshold, sampling_window
 from rsc.losses import PreferenceLoss, PreferenceLossOutput, per_sample_error
 from rsc.numerics import NumericsGuard, non_finite_tensors
 from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection
-from rsc.sampling import window_timestep_range
+from rsc.sampling import correction_step_indices, window_timestep_range
 
 
 class RSCorrector(L.LightningModule):
@@ -35,6 +35,9 @@ class RSCorrector(L.LightningModule):
             (:class:`rsc.refiner.RefinerConfig`); training gets it free from the reference term.
         correction_window: Fractions (start, end) of the sampling trajectory that are corrected
             (0 = pure noise); training draws timesteps from the same window.
+        sampling_window: The window at sampling time (validation, the end-of-fit report, the export;
+            ``None``: ``correction_window``). A window that runs on past the trained one lets the refiner
+            undo a stereotype that comes back in the later steps, after the trained window let go.
         strength: s in ``z_t + s * R(z_t, t, c)`` at training time, and at sampling time unless
             ``sampling_strength`` is set.
         sampling_strength: s at sampling time: what validation, the end-of-fit report and the export use
@@ -71,6 +74,7 @@ class RSCorrector(L.LightningModule):
         norm_groups: int = 32,
         x0_input: bool = False,
         correction_window: tuple[float, float] = (0.0, 0.5),
+        sampling_window: tuple[float, float] | None = None,
         strength: float = 1.0,
         sampling_strength: float | None = None,
         sampling_threshold: float = 0.0,
@@ -95,6 +99,11 @@ class RSCorrector(L.LightningModule):
         if sampling_strength is not None:
             check_number("sampling_strength", sampling_strength)
         check_number("sampling_threshold", sampling_threshold, minimum=0)
+        if sampling_window is not None:
+            try:
+                correction_step_indices(1, sampling_window)
+            except ValueError as error:
+                raise ValueError(f"sampling_window: {error}") from None
         check_number("learning_rate", learning_rate, positive=True)
         check_number("weight_decay", weight_decay, minimum=0)
         check_number("warmup_steps", warmup_steps, minimum=0, integer=True)
@@ -260,9 +269,9 @@ class RSCorrector(L.LightningModule):
 
     @property
     def correction_window(self) -> tuple[float, float]:
-        """Fractions (start, end) of the sampling trajectory that are corrected (0 = pure noise)."""
-        start, end = self.hparams.correction_window
-        return float(start), float(end)
+        """Fractions (start, end) of the sampling trajectory that are corrected at sampling time (0 = pure noise):
+        ``sampling_window``, else the trained ``correction_window``."""
+        return sampling_window(self.hparams)
 
     @property
     def sampling_strength(self) -> float:
@@ -291,7 +300,7 @@ class RSCorrector(L.LightningModule):
     def export_config(self) -> dict[str, Any]:
         """What a frontend needs besides the weights: window, strength, the backbone it was trained for (and its config folder)."""
         return {
-            "correction_window": list(self.hparams.correction_window),
+            "correction_window": list(self.correction_window),
             "strength": self.sampling_strength,
             "threshold": self.sampling_threshold,
             "backbone": self.hparams.backbone,
