@@ -272,8 +272,10 @@ class SamplingCalibration(Callback):
             "candidates": [asdict(c) for c in candidates],
             "criteria": {"stereotype_ratio": self.stereotype_ratio, "min_gender_consistency": self.min_gender_consistency,
                          "min_ssim": self.min_ssim, "min_biased_rate": self.min_biased_rate},
+            # The correction's other settings, which every candidate shares.
             "sampling": {"seeds": self.seeds, "first_seed": self.first_seed, "steps": self.steps,
-                         "guidance_scale": self.guidance_scale},
+                         "guidance_scale": self.guidance_scale, "window": list(corrector.correction_window),
+                         "threshold": getattr(corrector.correction(), "threshold", None)},
         }
 
 

@@ -389,3 +389,24 @@ def test_the_dead_zone_travels_from_the_config_to_the_export_and_the_frontend(ti
         load_refiner_for(folder, configs)
     with pytest.raises(ValueError, match="sampling_threshold must be a finite number >= 0"):
         RSCorrector(str(tiny_sd_dir), sampling_threshold=-0.5)
+
+
+def test_the_sampling_window_is_what_sampling_and_the_export_use(tiny_sd_dir: Path, pipeline, tmp_path: Path) -> None:  # noqa: ANN001
+    """``sampling_window`` reaches the module's sampling window, the export (from the module and from a checkpoint's
+    hyper-parameters) and ``RefinerCallback``'s corrected steps; training keeps drawing from ``correction_window``."""
+    from rsc.frontends.diffusers import RefinerCallback
+
+    kwargs = dict(hidden_channels=16, num_blocks=1, embedding_dim=16, norm_groups=4, correction_window=(0.1, 0.5))
+    trained_window = RSCorrector(str(tiny_sd_dir), **kwargs)
+    longer = RSCorrector(str(tiny_sd_dir), sampling_window=(0.1, 0.8), **kwargs)
+    assert trained_window.correction_window == (0.1, 0.5) and longer.correction_window == (0.1, 0.8)
+    assert longer.timestep_range == trained_window.timestep_range == (500, 900)
+    configs = BackboneConfigs.from_components(longer.ldm.unet, longer.ldm.text_encoder, longer.ldm.scheduler)
+    for hparams in (longer.export_config(), dict(longer.hparams)):
+        assert ExportInfo.from_training(hparams, configs).correction_window == (0.1, 0.8)
+    folder = export_refiner(longer.refiner, tmp_path / "export", ExportInfo.from_training(dict(longer.hparams), configs))
+    assert json.loads((folder / "config.json").read_text())["correction_window"] == [0.1, 0.8]
+    callback = RefinerCallback.from_pretrained(folder, pipeline, allow_mismatch=True)
+    assert callback.corrected_steps(20) == list(range(2, 16))
+    with pytest.raises(ValueError, match=r"sampling_window: correction window must satisfy 0 <= start <= end <= 1, got \(0.5, 0.1\)"):
+        RSCorrector(str(tiny_sd_dir), sampling_window=(0.5, 0.1), **kwargs)

@@ -30,7 +30,8 @@ def _config(world, run_dir: Path, cache: Path, max_epochs: int) -> Path:  # noqa
     report = {"class_path": "rsc.callbacks.toy_efficacy.ToyEfficacyReport",
               "init_args": {"world": str(world.path), "samples_per_prompt": 2}}
     return fit_config(world.sd_path, world.preferences_path, run_dir, cache, max_epochs=max_epochs, batch_size=16,
-                      callbacks=[calibration, report], model={"hidden_channels": 16, "embedding_dim": 16})
+                      callbacks=[calibration, report],
+                      model={"hidden_channels": 16, "embedding_dim": 16, "sampling_window": [0.0, 0.7]})
 
 
 def test_print_config_of_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
@@ -76,7 +77,11 @@ def test_fit_checkpoints_the_refiner_only_and_exports_it(micro_world, tmp_path: 
         assert torch.equal(value, checkpoint["state_dict"][f"refiner.{key}"])
     assert exported["conv_out.weight"].abs().sum() > 0, "training must move the zero-initialised output layer"
     config = yaml.safe_load((run / "refiner" / "config.json").read_text())
-    assert config["correction_window"] == [0.0, 0.5] and config["backbone"] == str(micro_world.sd_path)
+    # Trained on the window [0, 0.5], sampled (the calibration, the report, the export) over [0, 0.7].
+    assert checkpoint["hyper_parameters"]["correction_window"] == [0.0, 0.5]
+    assert config["correction_window"] == [0.0, 0.7] and config["backbone"] == str(micro_world.sd_path)
+    assert json.loads((run / "efficacy.json").read_text())["sampling"]["window"] == [0.0, 0.7]
+    assert json.loads((run / "calibration.json").read_text())["sampling"]["window"] == [0.0, 0.7]
     assert (run / "efficacy.json").is_file() and (run / "efficacy.png").is_file()
     # The export and the report sample at the strength the calibration chose.
     calibrated = json.loads((run / "calibration.json").read_text())["strength"]
