@@ -10,12 +10,19 @@ retraining; :class:`SamplingCalibration` sets it per fit, from measurements, the
 
 1. sample the validation prompts on held-out seeds without the correction; a prompt whose stereotype rate
    is at least ``min_biased_rate`` is *biased*, the others are *fair*;
-2. try the candidate ``strengths`` in ascending order, each on the same seeds, and keep the last one whose
-   fair prompts keep their images (SSIM to uncorrected >= ``min_ssim``, every fair prompt; the first
-   candidate is kept whatever it does: it is the trained default);
-3. stop at the first candidate that corrects every biased prompt (stereotype rate <= ``stereotype_ratio`` x
-   its uncorrected rate, gender consistency >= ``min_gender_consistency``), or at the first that changes a
-   fair prompt's images.
+2. try the candidate ``strengths`` in ascending order, each on the same seeds, and stop at the first that
+   corrects every biased prompt (stereotype rate <= ``stereotype_ratio`` x its uncorrected rate, gender
+   consistency >= ``min_gender_consistency``), or at the first that changes a fair prompt's images (SSIM to
+   uncorrected < ``min_ssim``);
+3. keep the first that corrects; when none does, the weakest of those that keep the fair prompts' images
+   with the smallest *shortfall*: the biased prompts' stereotype rates over their limits plus their gender
+   consistencies under theirs, i.e. the share of images still wrong. The first candidate is kept whatever
+   it does: it is the trained default.
+
+Taking the strongest candidate when none corrects would pay for nothing when the shortfall stops falling:
+on the seed-11 world one targeted prompt's gender stayed at 0.833 / 0.854 / 0.854 / 0.854 for strengths
+1 / 1.25 / 1.5 / 2 (a residue of flips no strength fixed), and strength 2 cost that prompt's diversity
+(0.64 against 1.26 at strength 1 in the report).
 
 The default ``stereotype_ratio`` is half the efficacy target's 0.1: a rate is measured on a few dozen seeds,
 and the report measures it on others. On the seed-11 world, strength 1 left cyran woman at 2 stereotyped
@@ -63,6 +70,8 @@ class CandidateResult:
         corrects: Every biased prompt's rate is <= ``stereotype_ratio`` x its uncorrected rate, and its gender
             consistency is >= ``min_gender_consistency`` (where one is asked for and the prompt names a gender).
         preserves: Every fair prompt's SSIM is >= ``min_ssim``.
+        shortfall: How far the biased prompts are from corrected: the sum of their stereotype rates over the
+            limit and their gender consistencies under the minimum (0 when ``corrects``).
     """
 
     strength: float
@@ -71,6 +80,7 @@ class CandidateResult:
     gender_consistency: dict[str, float | None]
     corrects: bool
     preserves: bool
+    shortfall: float
 
 
 #: ``evaluate(strength) -> (stereotype rate per prompt, SSIM per prompt, gender consistency per prompt)`` of the
@@ -84,39 +94,44 @@ def search_strength(
     uncorrected_rates: dict[str, float],
     biased: Sequence[str],
     fair: Sequence[str],
-    stereotype_ratio: float = 0.1,
+    stereotype_ratio: float = 0.05,
     min_ssim: float = 0.95,
     min_gender_consistency: float | None = None,
 ) -> tuple[float, list[CandidateResult]]:
     """The weakest of ``strengths`` (ascending) that corrects every biased prompt while every fair prompt keeps
-    its images, else the strongest that keeps them; and every candidate measured (see the module docstring).
+    its images, else the weakest of those that keep them with the smallest shortfall; and every candidate
+    measured (see the module docstring; the defaults are :class:`SamplingCalibration`'s).
 
     Candidates after the first that corrects, or after the first that changes a fair prompt's images, are not
     measured. Without biased prompts there is nothing to correct: the first candidate, unmeasured.
     """
     if not biased:
         return float(strengths[0]), []
-    chosen, results = float(strengths[0]), []
+    results: list[CandidateResult] = []
     for index, strength in enumerate(strengths):
         rates, ssim, gender = evaluate(float(strength))
+        # The tolerance only absorbs float rounding (0 -> 0 meets "at most 0.1x").
+        stereotype_excess = sum(max(0.0, rates[key] - stereotype_ratio * uncorrected_rates[key] - 1e-9) for key in biased)
+        gender_deficit = 0.0 if min_gender_consistency is None else sum(
+            max(0.0, min_gender_consistency - gender[key]) for key in biased if gender.get(key) is not None)
         result = CandidateResult(
             strength=float(strength),
             stereotype_rate={key: rates[key] for key in biased},
             ssim={key: ssim[key] for key in fair},
             gender_consistency={key: gender.get(key) for key in biased},
-            # The tolerance only absorbs float rounding (0 -> 0 meets "at most 0.1x").
-            corrects=all(rates[key] <= stereotype_ratio * uncorrected_rates[key] + 1e-9 for key in biased)
-            and (min_gender_consistency is None
-                 or all(gender.get(key) is None or gender[key] >= min_gender_consistency for key in biased)),
+            corrects=stereotype_excess == 0.0 and gender_deficit == 0.0,
             preserves=all(ssim[key] >= min_ssim for key in fair),
+            shortfall=stereotype_excess + gender_deficit,
         )
         results.append(result)
-        if index > 0 and not result.preserves:
+        if result.corrects and (result.preserves or index == 0):
+            return result.strength, results
+        if not result.preserves:
             break  # a stronger correction moves the fair prompts' images further
-        chosen = result.strength
-        if result.corrects or not result.preserves:
-            break
-    return chosen, results
+    # None corrects: the trained default, or a stronger candidate that keeps the images and comes closer.
+    eligible = [results[0], *(r for r in results[1:] if r.preserves)]
+    best = min(r.shortfall for r in eligible)
+    return next(r.strength for r in eligible if r.shortfall <= best + 1e-9), results
 
 
 class SamplingCalibration(Callback):
@@ -275,7 +290,7 @@ class SamplingCalibration(Callback):
             # The correction's other settings, which every candidate shares.
             "sampling": {"seeds": self.seeds, "first_seed": self.first_seed, "steps": self.steps,
                          "guidance_scale": self.guidance_scale, "window": list(corrector.correction_window),
-                         "threshold": getattr(corrector.correction(), "threshold", None)},
+                         "threshold": getattr(corrector, "sampling_threshold", None)},
         }
 
 
@@ -287,7 +302,8 @@ def format_calibration(result: dict[str, Any]) -> str:
         worst_rate = max(candidate["stereotype_rate"].values(), default=float("nan"))
         worst_ssim = min(candidate["ssim"].values(), default=float("nan"))
         worst_gender = min((v for v in candidate["gender_consistency"].values() if v is not None), default=float("nan"))
+        verdict = "corrects" if candidate["corrects"] else f"under-corrects, shortfall {candidate['shortfall']:.3f}"
         lines.append(f"  strength {candidate['strength']:<5g} worst stereotype {worst_rate:.3f}, gender {worst_gender:.3f} "
-                     f"({'corrects' if candidate['corrects'] else 'under-corrects'}), worst fair SSIM {worst_ssim:.3f} "
+                     f"({verdict}), worst fair SSIM {worst_ssim:.3f} "
                      f"({'keeps' if candidate['preserves'] else 'changes'} the fair prompts' images)")
     return "\n".join(lines)

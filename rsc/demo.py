@@ -302,6 +302,8 @@ def refit(out: str | os.PathLike[str], config_path: str | os.PathLike[str] = DEM
     [fairness] = [c for c in cli.trainer.callbacks if isinstance(c, FairnessValidation)] or [None]
     import torch
 
+    from rsc.toy.train_sd import cpu_has_native_bf16
+
     manifest = load_toy_world(world).manifest
     record = {
         "fingerprint": current_fingerprint(modules, config_path, world) if not extra_args else None,
@@ -310,7 +312,9 @@ def refit(out: str | os.PathLike[str], config_path: str | os.PathLike[str] = DEM
         "world_fingerprint": manifest["fingerprint"],
         "modules": modules,
         "fit_seconds": round(seconds, 1),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        # The CPU's name does not say whether it has native bf16, which sets the speed of a bf16 step.
+        "machine": {"cpu": _cpu_name(), "native_bf16": cpu_has_native_bf16(), "cores": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "precision": str(cli.trainer.precision)},
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
         "validation": dict(fairness.last_values) if fairness is not None else {},
     }

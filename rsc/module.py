@@ -14,7 +14,7 @@ from rsc.export import sampling_strength, sampling_threshold, sampling_window
 from rsc.losses import PreferenceLoss, PreferenceLossOutput, per_sample_error
 from rsc.numerics import NumericsGuard, non_finite_tensors
 from rsc.refiner import LatentRefiner, RefinerConfig, RefinerCorrection
-from rsc.sampling import correction_step_indices, window_timestep_range
+from rsc.sampling import check_window, window_timestep_range
 
 
 class RSCorrector(L.LightningModule):
@@ -100,10 +100,7 @@ class RSCorrector(L.LightningModule):
             check_number("sampling_strength", sampling_strength)
         check_number("sampling_threshold", sampling_threshold, minimum=0)
         if sampling_window is not None:
-            try:
-                correction_step_indices(1, sampling_window)
-            except ValueError as error:
-                raise ValueError(f"sampling_window: {error}") from None
+            check_window(sampling_window, name="sampling_window")
         check_number("learning_rate", learning_rate, positive=True)
         check_number("weight_decay", weight_decay, minimum=0)
         check_number("warmup_steps", warmup_steps, minimum=0, integer=True)

@@ -54,6 +54,24 @@ class SampleOutput:
         return [Image.fromarray(array) for array in unit_tensor_to_uint8(self.images)]
 
 
+def check_window(window: Any, *, name: str = "correction window", empty_ok: bool = True) -> tuple[float, float]:
+    """``window`` as ``(start, end)`` floats, or a ValueError that names ``name`` and the value.
+
+    A window is two fractions of the sampling trajectory, 0 being pure noise, with
+    ``0 <= start <= end <= 1``; ``empty_ok=False`` also refuses ``start == end``
+    (a training window must hold timesteps to draw).
+    """
+    try:
+        start, end = window
+        start, end = float(start), float(end)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be two numbers (start, end), got {window!r}") from error
+    if not (0.0 <= start <= end <= 1.0 and (empty_ok or start < end)):
+        relation = "<=" if empty_ok else "<"
+        raise ValueError(f"{name} must satisfy 0 <= start {relation} end <= 1, got {window!r}")
+    return start, end
+
+
 def correction_step_indices(num_steps: int, window: tuple[float, float]) -> list[int]:
     """Indices of the sampling steps that are corrected.
 
@@ -61,19 +79,8 @@ def correction_step_indices(num_steps: int, window: tuple[float, float]) -> list
     pure noise: step ``i`` is corrected when ``start <= i / num_steps < end``.
     The same rule decides which timesteps a refiner is trained on.
     """
-    start, end = _window_fractions(window)
-    if not 0.0 <= start <= end <= 1.0:
-        raise ValueError(f"correction window must satisfy 0 <= start <= end <= 1, got {window!r}")
+    start, end = check_window(window)
     return [i for i in range(num_steps) if start <= i / num_steps < end]
-
-
-def _window_fractions(window: Any) -> tuple[float, float]:
-    """``(start, end)`` as floats, or a ValueError naming the window (not a bare TypeError deep inside)."""
-    try:
-        start, end = window
-        return float(start), float(end)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"correction window must be two numbers (start, end), got {window!r}") from error
 
 
 def correction_timestep_indices(num_entries: int, num_steps: int, window: tuple[float, float]) -> list[int]:
@@ -105,9 +112,7 @@ def window_timestep_range(window: tuple[float, float], num_train_timesteps: int 
     seen from the training side, so training and sampling correct the same noise levels
     (for order-2 schedulers too, see :func:`correction_timestep_indices`).
     """
-    start, end = _window_fractions(window)
-    if not 0.0 <= start < end <= 1.0:
-        raise ValueError(f"correction window must satisfy 0 <= start < end <= 1, got {window!r}")
+    start, end = check_window(window, empty_ok=False)
     # Timesteps are 0 .. T-1: a window that ends within half a timestep of pure noise still gets t = T-1.
     low = min(int(round(num_train_timesteps * (1.0 - end))), num_train_timesteps - 1)
     high = int(round(num_train_timesteps * (1.0 - start)))

@@ -40,7 +40,7 @@ def _table(rates: dict[float, tuple[float, float]], ssim: dict[float, float]):  
 def test_search_stops_at_the_weakest_strength_that_corrects() -> None:
     # 0.1 x 0.6 = 0.06 and 0.1 x 0.5 = 0.05: strength 1 leaves belor at 0.1, 1.5 corrects both.
     evaluate, calls = _table({1.0: (0.10, 0.02), 1.5: (0.05, 0.05), 2.0: (0.0, 0.0)}, {1.0: 0.98, 1.5: 0.96, 2.0: 0.90})
-    chosen, results = search_strength(evaluate, [1.0, 1.5, 2.0], UNCORRECTED, BIASED, FAIR)
+    chosen, results = search_strength(evaluate, [1.0, 1.5, 2.0], UNCORRECTED, BIASED, FAIR, stereotype_ratio=0.1)
     assert chosen == 1.5
     assert calls == [1.0, 1.5]  # 2.0 is never sampled
     assert [(r.corrects, r.preserves) for r in results] == [(False, True), (True, True)]
@@ -64,10 +64,29 @@ def test_search_keeps_the_trained_default_when_even_it_changes_the_fair_images()
     assert calls == [1.0]
 
 
-def test_search_takes_the_strongest_when_none_corrects_and_all_keep_the_images() -> None:
+def test_search_takes_the_closest_when_none_corrects_and_all_keep_the_images() -> None:
     evaluate, calls = _table({1.0: (0.3, 0.3), 1.5: (0.2, 0.2), 2.0: (0.1, 0.1)}, {1.0: 0.99, 1.5: 0.98, 2.0: 0.97})
-    assert search_strength(evaluate, [1.0, 1.5, 2.0], UNCORRECTED, BIASED, FAIR)[0] == 2.0
+    chosen, results = search_strength(evaluate, [1.0, 1.5, 2.0], UNCORRECTED, BIASED, FAIR, stereotype_ratio=0.1)
+    assert chosen == 2.0
     assert calls == [1.0, 1.5, 2.0]
+    # Over the limits 0.06 and 0.05: (0.3 - 0.06) + (0.3 - 0.05), ..., (0.1 - 0.06) + (0.1 - 0.05).
+    assert [r.shortfall for r in results] == pytest.approx([0.49, 0.29, 0.09])
+
+
+def test_search_takes_the_weakest_of_the_closest_when_stronger_ones_stop_helping() -> None:
+    # The seed-11 world's calibration: the stereotype is gone from strength 1.25 on, and one prompt's gender
+    # stays at 41 of 48 seeds however strong the correction; 1.5 and 2 only cost diversity.
+    gender = {1.0: 40 / 48, 1.25: 41 / 48, 1.5: 41 / 48, 2.0: 41 / 48}
+    rates = {1.0: 0.021, 1.25: 0.0, 1.5: 0.0, 2.0: 0.0}
+
+    def evaluate(strength: float):  # noqa: ANN202
+        return ({**{key: 0.0 for key in UNCORRECTED}, "a_belor_woman": rates[strength]}, {key: 0.99 for key in UNCORRECTED},
+                {"a_belor_woman": gender[strength], "a_dovek_man": 1.0})
+
+    chosen, results = search_strength(evaluate, [1.0, 1.25, 1.5, 2.0], UNCORRECTED, BIASED, FAIR, min_gender_consistency=0.9)
+    assert chosen == 1.25
+    assert [r.corrects for r in results] == [False] * 4
+    assert [r.shortfall for r in results] == pytest.approx([0.9 - 40 / 48, 0.9 - 41 / 48, 0.9 - 41 / 48, 0.9 - 41 / 48])
 
 
 def test_search_asks_for_gender_consistency_when_told() -> None:
@@ -121,7 +140,7 @@ def test_the_callback_sets_its_choice_for_the_export_and_records_what_it_measure
     prompts = [ValidationPrompt(p, group=g, gender=s) for p, g, s in toy_prompts()][:4]
     sampling = dict(steps=8, guidance_scale=7.0)
     calibration = SamplingCalibration(AlwaysStereotyped(world.classifier_path), prompts, seeds=2, first_seed=5,
-                                      strengths=[1.0, 2.5], batch_size=16, **sampling)
+                                      strengths=[0.5, 2.5], min_gender_consistency=None, batch_size=16, **sampling)
     cond = module.ldm.encode_prompt(["a photo of a belor woman"] * 2, do_classifier_free_guidance=False).cond
     shape = (2, module.ldm.latent_channels, 16, 16)
     batch = {"anti_stereotypical_latents": torch.randn(shape, generator=generator),
@@ -132,14 +151,16 @@ def test_the_callback_sets_its_choice_for_the_export_and_records_what_it_measure
                         callbacks=[calibration, ExportRefiner(str(tmp_path / "refiner"))])
     trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None))
 
-    # Nothing is ever corrected and there are no fair prompts: every candidate is tried, the strongest is chosen...
+    # Nothing is ever corrected and there are no fair prompts: every candidate is tried; each is as far from
+    # corrected (every image stereotyped, gender not a criterion), so the weakest is chosen, not the trained 1...
     recorded = json.loads((tmp_path / CALIBRATION_FILE).read_text())
     assert recorded == calibration.result
-    assert recorded["strength"] == 2.5 and [c["strength"] for c in recorded["candidates"]] == [1.0, 2.5]
+    assert recorded["strength"] == 0.5 and [c["strength"] for c in recorded["candidates"]] == [0.5, 2.5]
+    assert [c["shortfall"] for c in recorded["candidates"]] == pytest.approx([len(prompts) * 0.95] * 2)
     assert recorded["biased_prompts"] == [p.key for p in prompts] and recorded["fair_prompts"] == []
     # ... and it is what the module samples with and what the export tells every frontend.
-    assert module.sampling_strength == 2.5 and module.correction().strength == 2.5
-    assert json.loads((tmp_path / "refiner" / "config.json").read_text())["strength"] == 2.5
+    assert module.sampling_strength == 0.5 and module.correction().strength == 0.5
+    assert json.loads((tmp_path / "refiner" / "config.json").read_text())["strength"] == 0.5
 
     # The candidates' numbers are measurements at their own strength on the calibration seeds.
     judges = Judges(classifier=ToyClassifier(world.classifier_path))
@@ -147,12 +168,12 @@ def test_the_callback_sets_its_choice_for_the_export_and_records_what_it_measure
     prompt_ids = torch.arange(len(prompts)).repeat_interleave(len(seeds))
     texts = [prompts[i].prompt for i in prompt_ids.tolist()]
     measured = {}
-    for strength in (1.0, 2.5):
+    for strength in (0.5, 2.5):
         images = sample(module.ldm, texts, seeds * len(prompts), correction=module.correction(strength),
                         correction_window=module.correction_window, batch_size=16, progress=False, **sampling).images
         rows = measure(judges, prompts, prompt_ids, torch.arange(len(texts)), images)["per_prompt"]
         measured[strength] = {key: row["gender_consistency"] for key, row in rows.items()}
-    assert measured[1.0] != measured[2.5], "the test refiner must change some verdicts between the strengths"
+    assert measured[0.5] != measured[2.5], "the test refiner must change some verdicts between the strengths"
     for candidate in recorded["candidates"]:
         assert candidate["gender_consistency"] == pytest.approx(measured[candidate["strength"]], abs=1e-12)
 

@@ -408,5 +408,5 @@ def test_the_sampling_window_is_what_sampling_and_the_export_use(tiny_sd_dir: Pa
     assert json.loads((folder / "config.json").read_text())["correction_window"] == [0.1, 0.8]
     callback = RefinerCallback.from_pretrained(folder, pipeline, allow_mismatch=True)
     assert callback.corrected_steps(20) == list(range(2, 16))
-    with pytest.raises(ValueError, match=r"sampling_window: correction window must satisfy 0 <= start <= end <= 1, got \(0.5, 0.1\)"):
+    with pytest.raises(ValueError, match=r"sampling_window must satisfy 0 <= start <= end <= 1, got \(0.5, 0.1\)"):
         RSCorrector(str(tiny_sd_dir), sampling_window=(0.5, 0.1), **kwargs)

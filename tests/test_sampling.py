@@ -10,7 +10,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from rsc.backbone import FrozenLDM
-from rsc.sampling import correction_step_indices, correction_timestep_indices, make_scheduler, window_timestep_range
+from rsc.sampling import check_window, correction_step_indices, correction_timestep_indices, make_scheduler, window_timestep_range
 
 PROMPTS = ["a photo of a cat", "a dog on a beach", "an empty room"]
 SEEDS = [11, 22, 33]
@@ -72,6 +72,19 @@ def test_correction_window_indices() -> None:
     assert correction_step_indices(4, (0.9, 1.0)) == []
     with pytest.raises(ValueError, match="0 <= start <= end <= 1"):
         correction_step_indices(10, (0.6, 0.2))
+
+
+def test_a_window_is_checked_by_name() -> None:
+    assert check_window(["0.1", 0.8]) == (0.1, 0.8)
+    assert check_window((0.3, 0.3)) == (0.3, 0.3)  # sampling may correct no step
+    with pytest.raises(ValueError, match=r"training window must satisfy 0 <= start < end <= 1, got \(0.3, 0.3\)"):
+        check_window((0.3, 0.3), name="training window", empty_ok=False)
+    with pytest.raises(ValueError, match=r"correction window must satisfy 0 <= start < end <= 1, got \(0.3, 0.3\)"):
+        window_timestep_range((0.3, 0.3))
+    with pytest.raises(ValueError, match=r"sampling_window must be two numbers \(start, end\), got 0.5"):
+        check_window(0.5, name="sampling_window")
+    with pytest.raises(ValueError, match=r"correction window must satisfy 0 <= start <= end <= 1, got \(-0.1, 0.5\)"):
+        check_window((-0.1, 0.5))
 
 
 def test_correction_timestep_indices_count_steps_not_schedule_entries() -> None:

@@ -38,7 +38,7 @@ from torch import Tensor
 from rsc.export import load_refiner_for
 from rsc.identity import BackboneConfigs
 from rsc.refiner import LatentRefiner, RefinerCorrection, X0Predictor
-from rsc.sampling import correct_latents, correction_step_indices, correction_timestep_indices, x0_from_model_output
+from rsc.sampling import check_window, correct_latents, correction_step_indices, correction_timestep_indices, x0_from_model_output
 
 
 class UNetX0Predictor:
@@ -93,8 +93,7 @@ class RefinerCallback(PipelineCallback):
         threshold: float = 0.0, x0_predictor: X0Predictor | None = None,
     ) -> None:
         super().__init__()
-        start, end = (float(edge) for edge in correction_window)
-        correction_step_indices(1, (start, end))  # validates the window now rather than mid-sampling
+        start, end = check_window(correction_window)  # now, rather than mid-sampling
         self.refiner = refiner.eval()
         self.correction_window = (start, end)
         self.strength = float(strength)
