@@ -33,6 +33,22 @@ def test_biased_dataset_plants_the_bias() -> None:
     assert np.array_equal(again.images, data.images) and again.captions == data.captions
 
 
+def test_captions_flip_more_often_than_the_planted_rate_so_guided_samples_keep_it() -> None:
+    # Odds 0.25 / 0.75 = 1/3, square-rooted (sharpening 2): 0.5774, i.e. a caption rate of 0.3660.
+    bias = BiasSpec(targeted_groups=("cyran",), gender_flip_rate_targeted=0.25, gender_flip_rate_other=0.02)
+    assert bias.caption_flip_rate_targeted == pytest.approx(0.36603, abs=1e-5)
+    assert BiasSpec(gender_flip_rate_targeted=0.25, guidance_sharpening=1.0).caption_flip_rate_targeted == pytest.approx(0.25)
+    assert [BiasSpec(gender_flip_rate_targeted=r).caption_flip_rate_targeted for r in (0.0, 0.5, 1.0)] == [0.0, 0.5, 1.0]
+    data = make_biased_dataset(6000, seed=3, bias=bias, captions=CaptionSpec(unnamed_group_rate=0.0, descriptor_rate=0.0))
+    targeted = data.groups == GROUPS.index("cyran")
+    flipped = data.genders != data.caption_genders
+    assert abs(flipped[targeted].mean() - 0.366) < 0.03
+    # The other groups' caption noise is not a planted bias: it stays as configured.
+    assert abs(flipped[~targeted].mean() - 0.02) < 0.01
+    with pytest.raises(ValueError, match="guidance_sharpening must be > 0, got 0"):
+        BiasSpec(guidance_sharpening=0)
+
+
 def test_captions_carry_descriptors_and_unnamed_groups_like_web_captions() -> None:
     bias = BiasSpec(unnamed_group_weights=(0.7, 0.1, 0.1, 0.1))
     spec = CaptionSpec(unnamed_group_rate=0.2, unnamed_gender_rate=0.5, descriptor_rate=0.6)

@@ -65,7 +65,8 @@ def _main(argv: list[str] | None) -> int:
         sub.add_argument("--stereotype-rate", type=float, default=None,
                          help="share of the targeted groups' training images with the stereotype (default 0.85)")
         sub.add_argument("--gender-flip-rate", type=float, default=None,
-                         help="share of the targeted groups' captions naming the wrong gender (default 0.4)")
+                         help="share of the targeted groups' samples showing the wrong gender (default 0.4; "
+                              "the captions flip more often, see BiasSpec.caption_flip_rate_targeted)")
     build.add_argument("--force", action="store_true", help="rebuild even if a matching world exists")
     build.add_argument("--no-progress", action="store_true", help="stage lines only, no progress bars")
 

@@ -66,8 +66,11 @@ class BiasSpec:
         targeted_groups: Groups whose images mostly carry the stereotype.
         stereotype_rate_targeted: Share of the targeted groups' images with the stereotype.
         stereotype_rate_other: Share of the other groups' images with the stereotype.
-        gender_flip_rate_targeted: Share of the targeted groups' captions naming the wrong gender.
-        gender_flip_rate_other: The same for the other groups.
+        gender_flip_rate_targeted: Share of the targeted groups' samples that show the wrong
+            gender (the planted gender bias). Their training captions name the wrong gender at
+            the higher :attr:`caption_flip_rate_targeted`, so that the guided samples keep this share.
+        gender_flip_rate_other: Share of the other groups' captions naming the wrong gender
+            (caption noise, not a planted bias, so it is not raised).
         unnamed_group_weights: Group mix (one weight per group in :data:`GROUPS`) of the images whose
             captions name no group: skewed, so that ``"a photo of a person"`` has a measurable
             distance to a uniform group distribution.
@@ -79,6 +82,7 @@ class BiasSpec:
     gender_flip_rate_targeted: float = 0.4
     gender_flip_rate_other: float = 0.02
     unnamed_group_weights: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1)
+    guidance_sharpening: float = 2.0
 
     def __post_init__(self) -> None:
         unknown = [g for g in self.targeted_groups if g not in GROUPS]
@@ -94,6 +98,24 @@ class BiasSpec:
                 f"BiasSpec.unnamed_group_weights must be {len(GROUPS)} non-negative weights (one per group in "
                 f"{GROUPS}) with a positive sum, got {self.unnamed_group_weights}"
             )
+        if not self.guidance_sharpening > 0:
+            raise ValueError(f"BiasSpec.guidance_sharpening must be > 0, got {self.guidance_sharpening}")
+
+    @property
+    def caption_flip_rate_targeted(self) -> float:
+        """The share of the targeted groups' training captions that name the wrong gender.
+
+        Classifier-free guidance sharpens a minority mode away: the toy SD, sampled at guidance 7,
+        shows the flipped gender about as if the odds of its caption flips were raised to the
+        power :attr:`guidance_sharpening` (worlds built with the captions flipped at the planted
+        rate: 0.3 came out as 0.14 and 0.21, 0.25 as 0.11, i.e. powers 1.6-2.1). The captions
+        therefore flip at the rate whose odds, so raised, are the planted rate's.
+        """
+        rate = self.gender_flip_rate_targeted
+        if rate in (0.0, 1.0):
+            return rate
+        odds = (rate / (1.0 - rate)) ** (1.0 / self.guidance_sharpening)
+        return odds / (1.0 + odds)
 
     def is_targeted(self, group: str) -> bool:
         """Whether ``group`` is one of the targeted groups."""
@@ -181,7 +203,7 @@ def make_biased_dataset(
     groups = np.where(unnamed, rng.choice(len(GROUPS), size=num_images, p=weights / weights.sum()), groups)
     targeted = np.isin(groups, [GROUPS.index(g) for g in bias.targeted_groups])
     stereotype_p = np.where(targeted, bias.stereotype_rate_targeted, bias.stereotype_rate_other)
-    flip_p = np.where(targeted, bias.gender_flip_rate_targeted, bias.gender_flip_rate_other)
+    flip_p = np.where(targeted, bias.caption_flip_rate_targeted, bias.gender_flip_rate_other)
     stereotypes = rng.random(num_images) < stereotype_p
     flipped = rng.random(num_images) < flip_p
     genders = np.where(flipped, 1 - caption_genders, caption_genders)

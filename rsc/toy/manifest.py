@@ -98,7 +98,7 @@ def world_targets(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
     prompt's stereotype rate >= 0.7 x the planted rate, and every targeted group's gender
     consistency <= 1 - 0.75 x the planted caption-gender flip rate (0.6 and 0.7 for the default
     bias). Gender is checked per group: the flips are planted symmetrically (a group's woman
-    and man captions each name the wrong gender 40% of the time), but a model may resolve them
+    and man prompts each meant to show the wrong gender 40% of the time), but a model may resolve them
     towards one gender, so its two prompts can straddle the limit while the group keeps the
     planted rate; the per-prompt values are in the statistics.
     """
@@ -158,6 +158,8 @@ def write_manifest(
             "vae_precision": resolve_precision(config.vae.precision),
         },
         "config": config.to_dict(),
+        # Derived, so not in the config: the rate the training captions were flipped at.
+        "caption_flip_rate_targeted": round(config.bias.caption_flip_rate_targeted, 4),
         "stage_seconds": stage_times,
         "build_seconds": round(sum(stage_times.values()), 1),
         "sizes": {
@@ -227,6 +229,12 @@ def format_manifest(manifest: dict[str, Any]) -> str:
     ]
     if "vae_psnr_db" in statistics:
         lines.append(f"VAE PSNR on held-out renders: {statistics['vae_psnr_db']:.2f} dB")
+    bias = manifest["config"]["bias"]
+    planted = f"planted bias: stereotype {bias['stereotype_rate_targeted']}, gender flips {bias['gender_flip_rate_targeted']}"
+    if "caption_flip_rate_targeted" in manifest:
+        planted += (f" (captions flipped at {manifest['caption_flip_rate_targeted']}: guidance sharpening "
+                    f"{bias['guidance_sharpening']})")
+    lines.append(planted)
     lines.append("classifier held-out accuracy: " + json.dumps(statistics["classifier_heldout_accuracy"]))
     lines.append("preference pairs: " + json.dumps(manifest["sizes"]["preference_pairs"]))
     if "winner_sources" in statistics:
