@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torch import Tensor, nn
 from torchmetrics import Metric
@@ -160,6 +160,8 @@ class FairnessValidation(Callback):
         self._references_added = False
         #: ``{"val/<metric>/<key>": value}`` of the last run (corrected and uncorrected).
         self.last_values: dict[str, float] = {}
+        #: The trainer's global step at the last run: the weights that ``last_values`` judged.
+        self.last_step: int | None = None
         #: Seconds spent in the last run: uncorrected sampling (first run only), corrected sampling, metrics, total.
         self.last_timing: dict[str, float] = {}
 
@@ -210,9 +212,20 @@ class FairnessValidation(Callback):
         if self._validation_runs % self.every_n_val_epochs:
             return
         values = self.run(trainer, pl_module)
+        self.last_step = trainer.global_step
         # Values are already reduced across ranks; sync_dist averages equal numbers (a no-op) and keeps
         # Lightning from warning about unsynced epoch-level logs under DDP.
         pl_module.log_dict({key: float(value) for key, value in values.items()}, sync_dist=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Warn when the last measurement judged other weights than the final ones."""
+        if self.last_step is not None and self.last_step != trainer.global_step:
+            # An epoch cadence that does not divide the step budget ends the fit between two validations.
+            rank_zero_warn(
+                f"FairnessValidation last measured at step {self.last_step}, the fit ended at step "
+                f"{trainer.global_step}: its values are not the final refiner's (validate on a step cadence "
+                "that divides max_steps: check_val_every_n_epoch: null, val_check_interval: <steps>)"
+            )
 
     # ------------------------------------------------------------------ the measurement
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:

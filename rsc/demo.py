@@ -197,8 +197,16 @@ def acceptance_failures(report: dict[str, Any], planted_rate: float) -> list[str
     return failures
 
 
-def validation_failures(values: dict[str, float], report: dict[str, Any]) -> list[str]:
-    """Whether the fairness validation callback's last values (8 seeds per prompt) tell the report's story."""
+def validation_failures(record: dict[str, Any], report: dict[str, Any]) -> list[str]:
+    """Whether the fairness validation callback's last values (8 seeds per prompt) tell the report's story.
+
+    ``record`` is a fit record (``fit.json``): its ``validation`` values, the step they were measured at and the
+    fit's last step. Values measured before the last step judge other weights than the report's: a failure.
+    """
+    values, step, last = record["validation"], record.get("validation_step"), record.get("global_step")
+    if step != last:
+        return [f"validation: the last fairness validation ran at step {step}, the fit ended at step {last}: "
+                "it judged other weights than the report (validate on a step cadence that divides max_steps)"]
     failures = []
     for name, row in report["per_group"].items():
         corrected, uncorrected = values[f"val/stereotype_rate/{name}"], values[f"val/stereotype_rate_uncorrected/{name}"]
@@ -317,6 +325,9 @@ def refit(out: str | os.PathLike[str], config_path: str | os.PathLike[str] = DEM
                     "torch_threads": torch.get_num_threads(), "precision": str(cli.trainer.precision)},
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
         "validation": dict(fairness.last_values) if fairness is not None else {},
+        # The step the validation judged and the fit's last: the check below compares them.
+        "validation_step": fairness.last_step if fairness is not None else None,
+        "global_step": cli.trainer.global_step,
     }
     # The logger's folder (``run/version_N``) holds the export and the report.
     results = Path(cli.trainer.log_dir or run)
@@ -403,7 +414,7 @@ def _main(argv: list[str] | None) -> int:
     run = refit(args.out, args.config, extra_args=extra)
     report = json.loads((run / "efficacy.json").read_text())
     record = read_fit_record(run)
-    failures = acceptance_failures(report, planted_stereotype_rate()) + validation_failures(record["validation"], report)
+    failures = acceptance_failures(report, planted_stereotype_rate()) + validation_failures(record, report)
     shipped = SHIPPED_DEMO_DIR / "efficacy.json"
     differences = report_differences(report, json.loads(shipped.read_text()), REFIT_TOLERANCE) if shipped.is_file() else []
     print(f"\nrefit in {record['fit_seconds']:.0f} s ({record['machine']['cpu']}): {run}")

@@ -73,7 +73,9 @@ def test_shipped_demo_refiner_is_the_current_demo_fit() -> None:
 def test_shipped_demo_refiner_records_an_accepted_fit(shipped_report: dict) -> None:
     assert acceptance_failures(shipped_report, planted_stereotype_rate()) == []
     record = read_fit_record()
-    assert validation_failures(record["validation"], shipped_report) == []
+    assert validation_failures(record, shipped_report) == []
+    # The validation judged the final weights, the ones the report judged.
+    assert record["validation_step"] == record["global_step"] > 0
     assert record["world_fingerprint"] == load_toy_world(SHIPPED_WORLD_DIR).manifest["fingerprint"]
 
 
@@ -174,13 +176,23 @@ def test_remeasured_report_differences_are_named(shipped_report: dict) -> None:
 
 
 def test_validation_failures_catch_a_callback_that_disagrees(shipped_report: dict) -> None:
-    values = dict(read_fit_record()["validation"])
+    record = read_fit_record()
+    values = record["validation"] = dict(record["validation"])
     values["val/stereotype_rate/belor"] = values["val/stereotype_rate_uncorrected/belor"]
     values["val/ssim/ardan"] = 0.8
-    failures = validation_failures(values, shipped_report)
+    failures = validation_failures(record, shipped_report)
     rate = values["val/stereotype_rate/belor"]
     assert sorted(failures) == [f"validation: belor stereotype {rate:.3f} -> {rate:.3f}, not halved",
                                 "validation: non-targeted ardan SSIM 0.800 < 0.85"], failures
+
+
+def test_validation_failures_refuse_values_measured_before_the_last_step(shipped_report: dict) -> None:
+    # Session 16: an epoch cadence ended the fit 161 steps after the last validation, whose values
+    # (ardan SSIM 0.786) were not the final refiner's (0.996).
+    record = dict(read_fit_record(), validation_step=1375, global_step=1536)
+    assert validation_failures(record, shipped_report) == [
+        "validation: the last fairness validation ran at step 1375, the fit ended at step 1536: it judged other "
+        "weights than the report (validate on a step cadence that divides max_steps)"]
 
 
 # ------------------------------------------------------------------------------------------------ the fingerprint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -148,6 +149,30 @@ def test_cadence_continues_across_a_resume(world, tmp_path: Path) -> None:  # no
 
     assert fit(2, None) == []  # validations 1 and 2
     assert fit(4, str(tmp_path / "checkpoints" / "last.ckpt")) == [2]  # validation 3 is epoch 2's
+
+
+def test_a_step_cadence_measures_the_final_weights_and_an_epoch_cadence_warns(world) -> None:  # noqa: ANN001
+    """With 3 batches per epoch and 8 steps, validating every 4 steps (every 2nd run measured) measures at step 8,
+    the last; validating at epoch ends measures at step 6 and the callback says its values are stale."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    def fit(**cadence: object) -> tuple[FairnessValidation, list[int], int]:
+        callback = _toy_callback(world, every_n_val_epochs=cadence.pop("every_n_val_epochs"))
+        measured: list[int] = []
+        callback.run = lambda trainer, module: measured.append(trainer.global_step) or {}  # type: ignore[method-assign]
+        trainer = L.Trainer(accelerator="cpu", max_steps=8, limit_train_batches=3, limit_val_batches=1,
+                            num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=False, callbacks=[callback], **cadence)
+        trainer.fit(BoringModel())
+        return callback, measured, trainer.global_step
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="FairnessValidation last measured")
+        callback, measured, last = fit(every_n_val_epochs=2, check_val_every_n_epoch=None, val_check_interval=4)
+    assert measured == [8] and callback.last_step == last == 8
+    with pytest.warns(UserWarning, match="FairnessValidation last measured at step 6, the fit ended at step 8"):
+        callback, measured, last = fit(every_n_val_epochs=1, check_val_every_n_epoch=1)
+    assert measured == [3, 6] and callback.last_step == 6
 
 
 def test_shards_cover_every_item_once(world) -> None:  # noqa: ANN001

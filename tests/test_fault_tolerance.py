@@ -96,9 +96,11 @@ def test_killed_mid_epoch_after_a_step_checkpoint(reference, tiny_sd_dir, tiny_p
 
 
 def test_killed_between_epochs_with_the_demos_validation_cadence(reference, tiny_sd_dir, tiny_prefs_dir, tmp_path) -> None:  # noqa: ANN001
-    # The demo's settings: no step checkpoints, validation every 8th epoch (not yet at epoch 1).
-    killed, resumed, log = _killed_and_resumed(reference, tiny_sd_dir, tiny_prefs_dir, tmp_path, "epoch:1",
-                                               every_n_train_steps=None, trainer={"check_val_every_n_epoch": 8})
+    # The demo's settings: no step checkpoints, validation on a step cadence (here at step 8: mid-epoch, in the
+    # resumed part, which must count its steps from the checkpoint's, not from 0).
+    killed, resumed, log = _killed_and_resumed(
+        reference, tiny_sd_dir, tiny_prefs_dir, tmp_path, "epoch:1", every_n_train_steps=None,
+        trainer={"check_val_every_n_epoch": None, "val_check_interval": 8})
     assert killed == list(range(6))
     assert resumed == list(range(6, STEPS))
     assert "epoch 1, global step 6, 0 step(s)" in log, _resume_line(log)
