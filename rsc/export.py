@@ -45,6 +45,7 @@ from rsc.config import json_value
 from rsc.identity import BackboneConfigs
 from rsc.numerics import non_finite_tensors
 from rsc.refiner import CONFIG_NAME, WEIGHTS_NAME, LatentRefiner, RefinerConfig, RefinerCorrection, X0Predictor
+from rsc.sampling import check_window
 from rsc.signature import compare_weight_signatures, weight_signature_label
 
 log = logging.getLogger(__name__)
@@ -149,9 +150,10 @@ class ExportInfo:
         known = {item.name for item in fields(cls)}
         values = {key: value for key, value in payload.items() if key in known}
         window = values["correction_window"]
-        numbers = isinstance(window, list) and len(window) == 2 and all(_is_number(value) for value in window)
-        if not (numbers and 0.0 <= window[0] <= window[1] <= 1.0):
-            raise ValueError(f"{path}: correction_window must be [start, end] with 0 <= start <= end <= 1, got {window!r}")
+        # JSON numbers only: check_window would also take "0.1" or true, which no export writes.
+        if not (isinstance(window, list) and all(_is_number(value) for value in window)):
+            raise ValueError(f"{path}: correction_window must be [start, end], two JSON numbers, got {window!r}")
+        values["correction_window"] = check_window(window, name=f"{path}: correction_window")
         if not _is_number(values["strength"]):
             raise ValueError(f"{path}: strength must be a number, got {values['strength']!r}")
         threshold = values.get("threshold", 0.0)
@@ -159,7 +161,6 @@ class ExportInfo:
             raise ValueError(f"{path}: threshold must be a number >= 0, got {threshold!r}")
         if not isinstance(values["backbone"], str):
             raise ValueError(f"{path}: backbone must be a string, got {values['backbone']!r}")
-        values["correction_window"] = (float(window[0]), float(window[1]))
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

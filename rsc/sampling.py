@@ -64,7 +64,7 @@ def check_window(window: Any, *, name: str = "correction window", empty_ok: bool
     try:
         start, end = window
         start, end = float(start), float(end)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:
         raise ValueError(f"{name} must be two numbers (start, end), got {window!r}") from error
     if not (0.0 <= start <= end <= 1.0 and (empty_ok or start < end)):
         relation = "<=" if empty_ok else "<"
