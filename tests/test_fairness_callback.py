@@ -114,6 +114,7 @@ def test_every_n_validation_epochs_and_config_errors(world) -> None:  # noqa: AN
 
     class _Trainer:
         sanity_checking = False
+        global_step = 0
 
     class _Module:
         def log_dict(self, values: dict, sync_dist: bool) -> None:
