@@ -8,6 +8,7 @@ with the reference's refiner, bit for bit.
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -104,6 +105,10 @@ def test_killed_between_epochs_with_the_demos_validation_cadence(reference, tiny
     assert killed == list(range(6))
     assert resumed == list(range(6, STEPS))
     assert "epoch 1, global step 6, 0 step(s)" in log, _resume_line(log)
+    # One validation, after the 8th step (the logger's step 7): counted from 0 again it would never come.
+    with open(tmp_path / "run" / "metrics.csv", newline="") as table:
+        validated = [row["step"] for row in csv.DictReader(table) if row.get("val/loss")]
+    assert validated == ["7"], validated
 
 
 def test_killed_while_writing_a_checkpoint(reference, tiny_sd_dir, tiny_prefs_dir, tmp_path) -> None:  # noqa: ANN001
