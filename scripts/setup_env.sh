@@ -14,10 +14,10 @@ fi
 if [ -x .venv/bin/python ]; then need_default=1; else need_default=8; fi
 need_gib="${RSC_SETUP_MIN_FREE_GIB:-$need_default}"
 for place in . "${TMPDIR:-/tmp}"; do
-    free_kib=$(df -Pk "$place" | awk 'NR == 2 {print $4}')
+    read -r free_kib mount < <(df -Pk "$place" | awk 'NR == 2 {print $4, $6}')
     if [ "$free_kib" -lt $((need_gib * 1024 * 1024)) ]; then
         echo "[setup] not enough disk space to install: $(awk -v k="$free_kib" 'BEGIN {printf "%.1f", k / 1048576}') GiB free" \
-             "at $(cd "$place" && pwd) ($(df -P "$place" | awk 'NR == 2 {print $6}')), expected at least $need_gib GiB" \
+             "at $(cd "$place" && pwd) ($mount), expected at least $need_gib GiB" \
              "(.venv with torch is about 6.5 GiB; pip unpacks in TMPDIR). Free space there, or set TMPDIR to a larger disk." >&2
         exit 1
     fi
